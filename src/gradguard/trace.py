@@ -10,6 +10,7 @@ Reading interface (stable):
 - ``trace.steps``: int64 array [S] of recorded step numbers (0-based, increasing).
 - ``trace.metric(name)``: float64 array [S, L]; NaN where not measured.
 - ``trace.loss``: float64 array [S]; NaN where no loss was given.
+- ``trace.loss_given``: bool array [S]; tells a NaN loss apart from a missing one.
 - ``trace.meta``: dict of run metadata (model summary, torch version, seed, start time...).
 
 Metric names and units (all per layer, per recorded step):
@@ -67,15 +68,22 @@ class Trace:
         self._steps: list[np.ndarray] = []
         self._values: list[np.ndarray] = []
         self._loss: list[np.ndarray] = []
+        self._given: list[np.ndarray] = []
 
     # -- building -----------------------------------------------------------------
-    def append(self, steps: np.ndarray, values: np.ndarray, loss: np.ndarray) -> None:
-        """Add rows: ``steps`` [n], ``values`` [n, metrics, layers], ``loss`` [n]."""
+    def append(
+        self, steps: np.ndarray, values: np.ndarray, loss: np.ndarray, loss_given: np.ndarray | None = None
+    ) -> None:
+        """Add rows: ``steps`` [n], ``values`` [n, metrics, layers], ``loss`` [n].
+
+        ``loss_given`` [n] says which losses were given; by default, the non-NaN ones.
+        """
         steps = np.asarray(steps, dtype=np.int64).reshape(-1)
         values = np.asarray(values, dtype=np.float64)
         loss = np.asarray(loss, dtype=np.float64).reshape(-1)
+        given = ~np.isnan(loss) if loss_given is None else np.asarray(loss_given, dtype=bool).reshape(-1)
         expected = (len(steps), len(METRICS), len(self.layers))
-        if values.shape != expected or loss.shape != (len(steps),):
+        if values.shape != expected or loss.shape != (len(steps),) or given.shape != loss.shape:
             raise ValueError(
                 f"Trace.append: values must have shape {expected} and loss ({len(steps)},); "
                 f"got {values.shape} and {loss.shape}"
@@ -88,6 +96,7 @@ class Trace:
         self._steps.append(steps)
         self._values.append(values)
         self._loss.append(loss)
+        self._given.append(given)
 
     def _last_step(self) -> int | None:
         return int(self._steps[-1][-1]) if self._steps else None
@@ -97,6 +106,7 @@ class Trace:
             self._steps = [np.concatenate(self._steps)]
             self._values = [np.concatenate(self._values)]
             self._loss = [np.concatenate(self._loss)]
+            self._given = [np.concatenate(self._given)]
 
     # -- reading ------------------------------------------------------------------
     @property
@@ -110,6 +120,12 @@ class Trace:
         """Loss per recorded step, float64 [S]; NaN where none was given."""
         self._join()
         return self._loss[0].copy() if self._loss else np.zeros(0, dtype=np.float64)
+
+    @property
+    def loss_given(self) -> np.ndarray:
+        """Whether a loss was given at each recorded step, bool [S]."""
+        self._join()
+        return self._given[0].copy() if self._given else np.zeros(0, dtype=bool)
 
     def metric(self, name: str) -> np.ndarray:
         """One metric as float64 [steps, layers]; NaN where not measured."""
@@ -141,6 +157,7 @@ class Trace:
             out._steps = [self._steps[0][-n:]]
             out._values = [self._values[0][-n:]]
             out._loss = [self._loss[0][-n:]]
+            out._given = [self._given[0][-n:]]
         return out
 
     # -- persistence --------------------------------------------------------------
@@ -156,6 +173,7 @@ class Trace:
             steps=self.steps,
             values=self.values(),
             loss=self.loss,
+            loss_given=self.loss_given,
         )
         # np.savez adds ".npz" when missing; report the file actually written.
         return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
@@ -175,7 +193,7 @@ class Trace:
                     )
                 trace = cls(json.loads(str(data["layers"])), json.loads(str(data["meta"])))
                 values = _reorder(data["values"], header.get("metrics", list(METRICS)))
-                trace.append(data["steps"], values, data["loss"])
+                trace.append(data["steps"], values, data["loss"], data["loss_given"])
         except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, ValueError, EOFError) as err:
             raise ValueError(f"{path} is not a readable gradguard trace (.npz): {err}") from None
         return trace

@@ -1,0 +1,129 @@
+"""Activation statistics on sampled steps, from forward hooks that exist only on those steps."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .layers import LayerIndex
+
+# Activations whose derivative vanishes near the ends of a bounded range: (low, high).
+SATURATING: dict[type[nn.Module], tuple[float, float]] = {
+    nn.Sigmoid: (0.0, 1.0),
+    nn.Hardsigmoid: (0.0, 1.0),
+    nn.Tanh: (-1.0, 1.0),
+    nn.Hardtanh: (-1.0, 1.0),
+    nn.Softsign: (-1.0, 1.0),
+}
+# Activations with a zero-gradient region: a unit is inactive where its output is <= 0.
+RECTIFYING: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
+_ACTIVATIONS = tuple(SATURATING) + RECTIFYING + (
+    nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Softplus,
+)
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+N_ACT = 4  # act_mean, act_std, act_saturated, act_dead
+
+
+def _units(y: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Whether each unit (channel) is active for any sample and position: bool [units]."""
+    active = y > 0
+    if y.dim() <= 1:
+        return active.reshape(-1)
+    dim = channel_dim % y.dim()
+    return active.transpose(0, dim).reshape(y.shape[dim], -1).any(dim=1)
+
+
+class ActivationProbe:
+    """Attaches forward hooks for one step and turns the outputs into per-layer statistics.
+
+    A layer's activation is the output of the activation module that runs right after it
+    (``nn.ReLU``, ``nn.Sigmoid``...), else the layer's own output. Saturation is the
+    fraction of elements within ``saturation_margin`` (a fraction of the range) of a
+    bound of a saturating activation. A unit is dead when a rectifier leaves it inactive
+    for every sample of the last ``dead_window`` sampled batches.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        index: LayerIndex,
+        device: torch.device,
+        saturation_margin: float = 0.01,
+        dead_window: int = 4,
+    ) -> None:
+        self.model = model
+        self.index = index
+        self.device = device
+        self.margin = saturation_margin
+        self._layer_of = {id(m): i for i, m in enumerate(index.modules)}
+        self._conv = [isinstance(m, _CONV) for m in index.modules]
+        self._handles: list[RemovableHandle] = []
+        self._current: int | None = None
+        self._stats: dict[int, torch.Tensor] = {}
+        self._active: dict[int, torch.Tensor] = {}
+        self._history: list[deque[torch.Tensor]] = [deque(maxlen=max(1, dead_window)) for _ in index.modules]
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> None:
+        """Install the forward hooks (for the next forward pass only)."""
+        if self._handles:
+            return
+        self._current = None
+        for module in self.model.modules():
+            if id(module) in self._layer_of or isinstance(module, _ACTIVATIONS):
+                self._handles.append(module.register_forward_hook(self._hook))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._current = None
+
+    def _hook(self, module: nn.Module, _inputs: object, output: object) -> None:
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return
+        layer = self._layer_of.get(id(module))
+        if layer is not None:
+            self._current = layer
+            self._record(layer, output.detach(), None)
+        elif self._current is not None:
+            self._record(self._current, output.detach(), module)
+
+    def _record(self, layer: int, y: torch.Tensor, act: nn.Module | None) -> None:
+        y32 = y.float()
+        mean = y32.mean()
+        std = y32.std() if y32.numel() > 1 else torch.zeros((), device=y.device)
+        nan = torch.full((), torch.nan, device=y.device)
+        # A later call for this layer replaces an earlier one (last call wins).
+        self._active.pop(layer, None)
+        sat = nan
+        bounds = SATURATING.get(type(act)) if act is not None else None
+        if bounds is not None:
+            lo, hi = bounds
+            eps = self.margin * (hi - lo)
+            sat = ((y32 <= lo + eps) | (y32 >= hi - eps)).float().mean()
+        if act is not None and isinstance(act, RECTIFYING):
+            self._active[layer] = _units(y, 1 if self._conv[layer] else -1)
+        self._stats[layer] = torch.stack([mean, std, sat]).to(self.device, torch.float64)
+
+    def collect(self) -> torch.Tensor:
+        """Statistics of the hooked forward as float64 [4, L] (NaN where not measured)."""
+        out = torch.full((N_ACT, len(self.index)), torch.nan, dtype=torch.float64, device=self.device)
+        for layer, s in self._stats.items():
+            out[:3, layer] = s
+        for layer, active in self._active.items():
+            hist = self._history[layer]
+            if hist and hist[-1].shape != active.shape:
+                hist.clear()
+            hist.append(active)
+            ever = torch.stack(list(hist)).any(dim=0)
+            out[3, layer] = 1.0 - ever.to(torch.float64).mean().to(self.device)
+        self._stats.clear()
+        self._active.clear()
+        return out

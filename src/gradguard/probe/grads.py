@@ -1,0 +1,139 @@
+"""Per-layer gradient and weight statistics, measured on the device without synchronisation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from .kernels import LARGE, N_STATS, host_stats_one, tensor_stats
+from .layers import LayerIndex
+
+STRATEGIES = ("auto", "fused", "hooks")
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class LayerReducer:
+    """Sums per-parameter statistics into per-layer ones on the statistics device."""
+
+    def __init__(self, index: LayerIndex, device: torch.device) -> None:
+        self.n_layers = len(index)
+        self.device = device
+        self.layer_of = torch.tensor(index.param_layer, dtype=torch.long, device=device)
+
+    def __call__(self, rows: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """rows [P, 3] float64 and present [P] bool -> [3, L]: norm, absmax, nonfinite (NaN if none)."""
+        rows = torch.where(present[:, None], rows, 0.0)
+        acc = torch.zeros(self.n_layers, N_STATS, dtype=torch.float64, device=self.device)
+        acc.index_add_(0, self.layer_of, rows)
+        amax = torch.zeros(self.n_layers, dtype=torch.float64, device=self.device)
+        amax.index_reduce_(0, self.layer_of, rows[:, 1], "amax", include_self=True)
+        seen = torch.zeros(self.n_layers, dtype=torch.float64, device=self.device)
+        seen.index_add_(0, self.layer_of, present.to(torch.float64))
+        out = torch.stack([acc[:, 0].sqrt(), amax, acc[:, 2]])
+        # A layer none of whose parameters has a gradient is missing, not zero.
+        return torch.where(seen[None, :] > 0, out, torch.nan)
+
+
+def _group_by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
+    groups: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.device, []).append(i)
+    return groups
+
+
+def param_stats(tensors: Sequence[torch.Tensor | None], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Statistics of a list of tensors (None = missing) -> rows [P, 3] and present [P] on ``device``."""
+    rows = torch.zeros(len(tensors), N_STATS, dtype=torch.float64, device=device)
+    present = torch.zeros(len(tensors), dtype=torch.bool, device=device)
+    real = [i for i, t in enumerate(tensors) if t is not None]
+    if not real:
+        return rows, present
+    items = [tensors[i] for i in real]
+    for dev, local in _group_by_device(items).items():  # type: ignore[arg-type]
+        stats = tensor_stats([items[j] for j in local])  # type: ignore[misc]
+        idx = torch.tensor([real[j] for j in local], dtype=torch.long, device=device)
+        rows.index_copy_(0, idx, stats.to(device, non_blocking=True))
+    present[torch.tensor(real, dtype=torch.long, device=device)] = True
+    return rows, present
+
+
+class GradProbe:
+    """Measures gradient statistics of every parameter, per layer.
+
+    On host (CPU) tensors large enough to matter, statistics are taken inside backward,
+    by a post-accumulate-grad hook, while the gradient is still in cache; the result is
+    reused at :meth:`measure` only if ``p.grad`` is still the same tensor, unmodified
+    (its version counter is unchanged). Everything else is measured at :meth:`measure`
+    with fused ops. Under a multi-process group the hooks are off: gradients are only
+    final after the all-reduce that ends backward.
+    """
+
+    def __init__(self, index: LayerIndex, device: torch.device, strategy: str = "auto") -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.index = index
+        self.device = device
+        self.reduce = LayerReducer(index, device)
+        self._cache: dict[int, tuple[int, int, int, tuple[float, float, float]]] = {}
+        self._handles: list[RemovableHandle] = []
+        if strategy != "fused" and not _distributed():
+            limit = 1 if strategy == "hooks" else LARGE
+            for i, p in enumerate(index.params):
+                if p.device.type == "cpu" and p.requires_grad and p.numel() >= limit:
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(i)))
+
+    @property
+    def hooked(self) -> int:
+        """How many parameters are measured inside backward."""
+        return len(self._handles)
+
+    def _make_hook(self, i: int):  # type: ignore[no-untyped-def]
+        cache = self._cache
+
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad
+            if g is not None and not g.is_sparse:
+                cache[i] = (id(g), g.data_ptr(), g._version, host_stats_one(g))
+
+        return hook
+
+    def measure(self) -> torch.Tensor:
+        """Per-layer gradient statistics now, as float64 [3, L]: norm, absmax, nonfinite."""
+        grads: list[torch.Tensor | None] = []
+        cached: dict[int, tuple[float, float, float]] = {}
+        for i, p in enumerate(self.index.params):
+            g = p.grad
+            if g is not None and g.is_sparse:
+                g = g.coalesce()._values()
+            hit = self._cache.get(i)
+            if g is not None and hit is not None and hit[:3] == (id(g), g.data_ptr(), g._version):
+                cached[i] = hit[3]
+                grads.append(None)
+            else:
+                grads.append(g)
+        self._cache.clear()
+        rows, present = param_stats(grads, self.device)
+        if cached:
+            idx = list(cached)
+            rows[idx] = torch.tensor(np.array([cached[i] for i in idx]), dtype=torch.float64, device=self.device)
+            present[idx] = True
+        return self.reduce(rows, present)
+
+    def measure_tensors(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Per-layer statistics of arbitrary per-parameter tensors (weights, updates): [3, L]."""
+        rows, present = param_stats(tensors, self.device)
+        return self.reduce(rows, present)
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._cache.clear()
