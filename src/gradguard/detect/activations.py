@@ -24,7 +24,7 @@ def _per_layer(
                 severity="error" if value[j] >= err else "warning",
                 layer=name,
                 step=int(at[j]),
-                message=f"{value[j]:.0%} of the {what} of {name}",
+                message=what.format(frac=f"{value[j]:.0%}", name=name),
                 evidence={metric: float(value[j])},
                 fixes=fixes,
             )
@@ -36,7 +36,7 @@ def saturated_activation(trace: Trace, th: Thresholds) -> list[Finding]:
     """Layers whose sigmoid/tanh-like activation sits in its flat tails."""
     return _per_layer(
         trace, "act_saturated", th.saturation_warning, th.saturation_error, "saturated_activation",
-        "activations are saturated (derivative near 0), so little gradient passes",
+        "{frac} of the activations of {name} are saturated (derivative near 0), so little gradient passes",
         (NORMALISE_INPUT, XAVIER, BATCHNORM, RELU_HE),
     )
 
@@ -45,6 +45,6 @@ def dead_units(trace: Trace, th: Thresholds) -> list[Finding]:
     """Layers whose rectifier leaves units inactive for every sample of a window of batches."""
     return _per_layer(
         trace, "act_dead", th.dead_warning, th.dead_error, "dead_units",
-        "units are dead: inactive for every sample over the last sampled batches",
+        "{frac} of the units of {name} are dead: inactive for every sample of the last sampled batches",
         (BIAS_RESET, LEAKY, RELU_HE),
     )

@@ -34,7 +34,7 @@ class LayerReducer:
         acc = torch.zeros(self.n_layers, N_STATS, dtype=torch.float64, device=self.device)
         acc.index_add_(0, self.layer_of, rows)
         amax = torch.zeros(self.n_layers, dtype=torch.float64, device=self.device)
-        amax.index_reduce_(0, self.layer_of, rows[:, 1], "amax", include_self=True)
+        amax.scatter_reduce_(0, self.layer_of, rows[:, 1], "amax", include_self=True)
         seen = torch.zeros(self.n_layers, dtype=torch.float64, device=self.device)
         seen.index_add_(0, self.layer_of, present.to(torch.float64))
         out = torch.stack([acc[:, 0].sqrt(), amax, acc[:, 2]])

@@ -1,0 +1,25 @@
+"""gradguard: detect, explain and fix vanishing and exploding gradients in PyTorch training."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .detect import Finding, Fix, Thresholds, detect
+from .record import StoreError, load, load_findings
+from .trace import METRICS, Trace
+from .watch import Watch, watch
+
+__all__ = [
+    "METRICS",
+    "Finding",
+    "Fix",
+    "StoreError",
+    "Thresholds",
+    "Trace",
+    "Watch",
+    "__version__",
+    "detect",
+    "load",
+    "load_findings",
+    "watch",
+]

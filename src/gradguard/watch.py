@@ -1,0 +1,360 @@
+"""watch: per-layer gradient health in any training loop, at near-zero overhead.
+
+Two ways to use it::
+
+    w = gradguard.watch(model)                    # 1. call w.step() yourself
+    for x, y in data:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        w.step(loss=loss)                         # after backward, before optimizer.step()
+        optimizer.step(); optimizer.zero_grad()
+    w.close()
+
+    with gradguard.watch(model, optimizer=opt) as w:   # 2. records on every opt.step()
+        ...
+
+Statistics stay on the device in a preallocated buffer and reach the host every
+``flush_every`` steps (and at ``close()``): an ordinary step never synchronises.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .detect import Finding, Thresholds, detect
+from .probe.activations import N_ACT, ActivationProbe
+from .probe.grads import STRATEGIES, GradProbe
+from .probe.layers import find_layers
+from .record.store import Recorder
+from .trace import METRICS, Trace
+
+_G, _W, _A = 0, 3, 6  # first row of the gradient, weight/update and activation metrics
+_N = len(METRICS)
+
+
+def _positive_int(name: str, value: object, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (value == 0 and not allow_zero):
+        need = "a non-negative integer (0 turns it off)" if allow_zero else "a positive integer"
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+    return value
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _key(f: Finding) -> tuple[str, str | None]:
+    # Depth-wide findings name their worst layer, which can move between flushes: one per kind.
+    if f.kind in ("vanishing_gradient", "exploding_gradient"):
+        return (f.kind, "*" if f.layer is not None else None)
+    return (f.kind, f.layer)
+
+
+class Watch:
+    """A running monitor; see :func:`watch`. Use as a context manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        every: int = 1,
+        weights_every: int = 10,
+        activations_every: int = 50,
+        flush_every: int = 50,
+        store: str | os.PathLike[str] | None = None,
+        overwrite: bool = False,
+        scaler: Any = None,
+        thresholds: Thresholds | None = None,
+        strategy: str = "auto",
+        seed: int | None = None,
+        dead_window: int = 4,
+    ) -> None:
+        self.every = _positive_int("every", every)
+        self.weights_every = _positive_int("weights_every", weights_every, allow_zero=True)
+        self.activations_every = _positive_int("activations_every", activations_every, allow_zero=True)
+        self.flush_every = _positive_int("flush_every", flush_every)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if scaler is not None and not hasattr(scaler, "_scale"):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        index = find_layers(model)  # raises on a non-module or a model without parameters
+        if any(p.device.type == "meta" for p in index.params) and store is not None:
+            raise ValueError("the model's parameters are on the meta device: there is nothing to record")
+        self.index = index
+        self.layers = index.names
+        self.device = index.params[0].device
+        self.thresholds = thresholds or Thresholds()
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self._model_ref = weakref.ref(model)
+        self.trace = Trace(index.names, self._metadata(model, seed))
+        self.findings: list[Finding] = []
+        self._recorder = (
+            Recorder(store, index.names, self.trace.meta, overwrite=overwrite)
+            if store is not None and _rank() == 0
+            else None
+        )
+        self._grads = GradProbe(index, self.device, strategy)
+        self._acts = (
+            ActivationProbe(model, index, self.device, dead_window=dead_window) if self.activations_every else None
+        )
+        L = len(index)
+        self._ring = torch.full((self.flush_every, _N, L), math.nan, dtype=torch.float64, device=self.device)
+        self._ring_loss = torch.full((self.flush_every,), math.nan, dtype=torch.float64, device=self.device)
+        self._ring_steps: list[int] = []
+        self._ring_given: list[bool] = []
+        self._nan_rows = torch.full((_N, L), math.nan, dtype=torch.float64, device=self.device)
+        self._step = 0  # the number the next recorded step gets
+        self._calls = 0  # optimizer steps / w.step() calls seen, recorded or not
+        self._awaiting_optimizer = False
+        self._pending_loss: Any = None
+        self._before: list[torch.Tensor] | None = None
+        self._before_norm: torch.Tensor | None = None
+        self._handles: list[RemovableHandle] = []
+        self._closed = False
+        if optimizer is not None:
+            self._handles.append(optimizer.register_step_pre_hook(self._pre_optimizer))
+            self._handles.append(optimizer.register_step_post_hook(self._post_optimizer))
+        if self._acts is not None:
+            self._acts.attach()  # step 0 is a sampled step
+
+    # -- metadata -------------------------------------------------------------------
+    def _metadata(self, model: nn.Module, seed: int | None) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "model": type(model).__name__,
+            "parameters": int(sum(self.index.numel)),
+            "layers": self.index.summary(),
+            "torch_version": torch.__version__,
+            "gradguard_version": __version__,
+            "python_version": platform.python_version(),
+            "device": str(self.device),
+            "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in self.index.params}),
+            "seed": seed if seed is not None else torch.initial_seed(),
+            "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "every": self.every,
+            "weights_every": self.weights_every,
+            "activations_every": self.activations_every,
+        }
+
+    # -- the step -------------------------------------------------------------------
+    def step(self, loss: torch.Tensor | float | None = None) -> None:
+        """Record this step: call after ``backward()`` and before ``optimizer.step()``.
+
+        With a ``GradScaler``, call it after ``scaler.unscale_(optimizer)``. The loss is
+        optional; a tensor stays on the device (no synchronisation).
+        """
+        self._check_open()
+        if loss is not None:
+            self._pending_loss = loss
+        self._record()
+        self._awaiting_optimizer = self.optimizer is not None
+
+    def log_loss(self, loss: torch.Tensor | float) -> None:
+        """Give the loss of the current step when recording through the optimizer's hooks."""
+        self._check_open()
+        self._pending_loss = loss
+
+    def _pre_optimizer(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._awaiting_optimizer:
+            self._record()  # nobody called w.step(): record from the optimizer's hook
+        if self._before is not None:
+            params = self.index.params
+            self._before = [p.detach().clone() for p in params]
+
+    def _post_optimizer(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._awaiting_optimizer = False
+        if self._before is None or not self._ring_steps:
+            self._before = None
+            return
+        params = self.index.params
+        diff = torch._foreach_sub([p.detach() for p in params], self._before)
+        upd = self._grads.measure_tensors(diff)[0]
+        row = self._ring[len(self._ring_steps) - 1]
+        row[_W + 1] = upd
+        row[_W + 2] = upd / row[_W]
+        self._before = None
+
+    def _record(self) -> None:
+        call = self._calls
+        self._calls += 1
+        if call % self.every:
+            return
+        if len(self._ring_steps) == self.flush_every:
+            self.flush()
+        slot = len(self._ring_steps)
+        step = self._step
+        self._step += 1
+        row = self._ring[slot]
+        row.copy_(self._nan_rows)
+        grads = self._grads.measure()
+        if self.scaler is not None:
+            grads = self._unscale(grads)
+        row[_G : _G + 3] = grads
+        if self.weights_every and step % self.weights_every == 0:
+            row[_W] = self._grads.measure_tensors([p.detach() for p in self.index.params])[0]
+            if self.optimizer is not None:
+                self._before = []  # marks: snapshot parameters in the optimizer's pre-hook
+        if self._acts is not None and self._acts.attached:
+            row[_A : _A + N_ACT] = self._acts.collect()
+            self._acts.detach()
+        if self._acts is not None and (step + 1) % self.activations_every == 0:
+            self._acts.attach()  # hooks live only during the next (sampled) forward
+        loss, self._pending_loss = self._pending_loss, None
+        given = loss is not None
+        if isinstance(loss, torch.Tensor):
+            self._ring_loss[slot].copy_(loss.detach().reshape(()), non_blocking=True)
+        else:
+            self._ring_loss[slot] = float(loss) if given else math.nan
+        self._ring_steps.append(step)
+        self._ring_given.append(given)
+
+    def _unscale(self, grads: torch.Tensor) -> torch.Tensor:
+        # Hooks see gradients as backward produced them, i.e. scaled; GradScaler's scale is a
+        # power of two, so dividing is exact. Statistics measured after unscale_ need no change,
+        # and the probe only reuses hook results while p.grad is unmodified, so scale all.
+        state = self.scaler._per_optimizer_states.get(id(self.optimizer)) if self.optimizer else None
+        unscaled = state is not None and state.get("stage") is not None and state["stage"].name == "UNSCALED"
+        if unscaled and not self._grads.hooked:
+            return grads
+        inv = 1.0 / self.scaler._scale.to(grads.device, torch.float64).reshape(())
+        out = grads.clone()
+        out[0] = grads[0] * inv
+        out[1] = grads[1] * inv
+        return out
+
+    # -- flushing -------------------------------------------------------------------
+    def flush(self) -> None:
+        """Copy buffered statistics to the host, update findings, and commit to the store."""
+        n = len(self._ring_steps)
+        if n == 0:
+            return
+        # The one synchronisation, every flush_every steps. copy=True: on CPU, .cpu() would
+        # alias the ring, which the next steps overwrite.
+        values = self._ring[:n].to("cpu", copy=True).numpy()
+        loss = self._ring_loss[:n].to("cpu", copy=True).numpy()
+        steps = np.array(self._ring_steps, dtype=np.int64)
+        given = np.array(self._ring_given, dtype=bool)
+        self._ring_steps.clear()
+        self._ring_given.clear()
+        self.trace.append(steps, values, loss, given)
+        self._update_findings()
+        if self._recorder is not None:
+            self._recorder.write(steps, values, loss, given, self.findings)
+
+    def _update_findings(self) -> None:
+        window = max(self.thresholds.window, self.flush_every)
+        new = detect(self.trace.tail(window + self.thresholds.growth_min_history), self.thresholds)
+        known = {_key(f): i for i, f in enumerate(self.findings)}
+        for f in new:
+            key = _key(f)
+            if key not in known:
+                known[key] = len(self.findings)
+                self.findings.append(f)
+            elif f.kind != "nonfinite":  # nonfinite keeps the first occurrence
+                self.findings[known[key]] = f
+
+    # -- lifecycle ------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Watch is closed; create a new one with gradguard.watch(model)")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Flush, remove every hook gradguard added, and close the store. Safe to call twice."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+            self._grads.close()
+            if self._acts is not None:
+                self._acts.detach()
+            if self._recorder is not None:
+                self._recorder.close()
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A Watch dropped without close() must not leave hooks on the model.
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"Watch({len(self.layers)} layers, {self._step} steps recorded, {state})"
+
+
+def watch(
+    model: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    every: int = 1,
+    weights_every: int = 10,
+    activations_every: int = 50,
+    flush_every: int = 50,
+    store: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    scaler: Any = None,
+    thresholds: Thresholds | None = None,
+    strategy: str = "auto",
+    seed: int | None = None,
+    dead_window: int = 4,
+) -> Watch:
+    """Watch a model's per-layer gradient health; returns a :class:`Watch` (a context manager).
+
+    Args:
+        model: the ``nn.Module`` being trained (DDP/compiled wrappers are unwrapped for names).
+        optimizer: if given, a step is recorded on every ``optimizer.step()`` (through its
+            step hooks) unless :meth:`Watch.step` was called, and update sizes are measured.
+        every: record every N-th step (1 = every step).
+        weights_every: measure weight norms (and update norms) every N recorded steps; 0 = never.
+        activations_every: sample activation statistics every N steps (forward hooks exist only
+            on those steps); 0 = never.
+        flush_every: copy statistics to the host, run the detectors and commit to the store
+            every N recorded steps (the only host-device synchronisation).
+        store: path of an SQLite file to record to (crash-safe, readable while running).
+        overwrite: replace an existing store instead of raising ``FileExistsError``.
+        scaler: the ``torch.amp.GradScaler`` in use, so statistics are of unscaled gradients.
+        thresholds: detector thresholds (see :class:`gradguard.Thresholds`).
+        strategy: ``"auto"`` (default), ``"fused"`` (all statistics after backward, fused ops)
+            or ``"hooks"`` (every host parameter measured inside backward).
+        seed: recorded in the run metadata (default: ``torch.initial_seed()``).
+        dead_window: how many sampled batches a unit must stay inactive to count as dead.
+    """
+    return Watch(
+        model, optimizer=optimizer, every=every, weights_every=weights_every,
+        activations_every=activations_every, flush_every=flush_every, store=store,
+        overwrite=overwrite, scaler=scaler, thresholds=thresholds, strategy=strategy, seed=seed,
+        dead_window=dead_window,
+    )
