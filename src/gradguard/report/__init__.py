@@ -1,0 +1,1 @@
+"""Ways to show a Trace and its findings (measuring is kept apart, in probe and detect)."""
