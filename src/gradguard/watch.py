@@ -23,7 +23,6 @@ import math
 import os
 import platform
 import time
-import weakref
 from typing import Any
 
 import numpy as np
@@ -101,7 +100,6 @@ class Watch:
         self.thresholds = thresholds or Thresholds()
         self.optimizer = optimizer
         self.scaler = scaler
-        self._model_ref = weakref.ref(model)
         self.trace = Trace(index.names, self._metadata(model, seed))
         self.findings: list[Finding] = []
         self._recorder = (
@@ -203,10 +201,7 @@ class Watch:
         self._step += 1
         row = self._ring[slot]
         row.copy_(self._nan_rows)
-        grads = self._grads.measure()
-        if self.scaler is not None:
-            grads = self._unscale(grads)
-        row[_G : _G + 3] = grads
+        row[_G : _G + 3] = self._grads.measure(*self._inverse_scales())
         if self.weights_every and step % self.weights_every == 0:
             row[_W] = self._grads.measure_tensors([p.detach() for p in self.index.params])[0]
             if self.optimizer is not None:
@@ -225,19 +220,20 @@ class Watch:
         self._ring_steps.append(step)
         self._ring_given.append(given)
 
-    def _unscale(self, grads: torch.Tensor) -> torch.Tensor:
-        # Hooks see gradients as backward produced them, i.e. scaled; GradScaler's scale is a
-        # power of two, so dividing is exact. Statistics measured after unscale_ need no change,
-        # and the probe only reuses hook results while p.grad is unmodified, so scale all.
-        state = self.scaler._per_optimizer_states.get(id(self.optimizer)) if self.optimizer else None
-        unscaled = state is not None and state.get("stage") is not None and state["stage"].name == "UNSCALED"
-        if unscaled and not self._grads.hooked:
-            return grads
-        inv = 1.0 / self.scaler._scale.to(grads.device, torch.float64).reshape(())
-        out = grads.clone()
-        out[0] = grads[0] * inv
-        out[1] = grads[1] * inv
-        return out
+    def _inverse_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """AMP: (factor for gradients measured in backward, factor for those measured now)."""
+        if self.scaler is None or not getattr(self.scaler, "_enabled", True) or self.scaler._scale is None:
+            return None, None
+        # GradScaler's scale is a power of two, so multiplying by its inverse is exact.
+        inv = (1.0 / self.scaler._scale.to(self.device, torch.float64)).reshape(())
+        states = self.scaler._per_optimizer_states
+        if self.optimizer is not None:
+            stages = [states[id(self.optimizer)]["stage"]] if id(self.optimizer) in states else []
+        else:
+            stages = [st["stage"] for st in states.values()]
+        unscaled = any(getattr(stage, "name", "") == "UNSCALED" for stage in stages)
+        # In-backward hooks always saw the scaled gradient; p.grad now is scaled unless unscale_ ran.
+        return inv, (None if unscaled else inv)
 
     # -- flushing -------------------------------------------------------------------
     def flush(self) -> None:
@@ -295,6 +291,13 @@ class Watch:
                 self._acts.detach()
             if self._recorder is not None:
                 self._recorder.close()
+            # Drop every reference to the model, its parameters and optimizer: the Trace
+            # and findings outlive them, the model can be garbage-collected.
+            self._grads = None  # type: ignore[assignment]
+            self._acts = None
+            self.index = None  # type: ignore[assignment]
+            self.optimizer = None
+            self._before = None
 
     def __enter__(self) -> Watch:
         return self

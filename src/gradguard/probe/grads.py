@@ -65,6 +65,13 @@ def param_stats(tensors: Sequence[torch.Tensor | None], device: torch.device) ->
     return rows, present
 
 
+def _scale_rows(rows: torch.Tensor, scale: torch.Tensor | None) -> None:
+    """Statistics of ``scale * g`` from those of ``g``, in place (scale > 0)."""
+    if scale is not None:
+        rows[:, 0] *= scale * scale
+        rows[:, 1] *= scale
+
+
 class GradProbe:
     """Measures gradient statistics of every parameter, per layer.
 
@@ -105,8 +112,12 @@ class GradProbe:
 
         return hook
 
-    def measure(self) -> torch.Tensor:
-        """Per-layer gradient statistics now, as float64 [3, L]: norm, absmax, nonfinite."""
+    def measure(self, hook_scale: torch.Tensor | None = None, step_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-layer gradient statistics now, as float64 [3, L]: norm, absmax, nonfinite.
+
+        ``hook_scale`` multiplies gradients measured inside backward and ``step_scale`` those
+        measured now (AMP: the inverse loss scale where a gradient was still scaled).
+        """
         grads: list[torch.Tensor | None] = []
         cached: dict[int, tuple[float, float, float]] = {}
         for i, p in enumerate(self.index.params):
@@ -121,9 +132,12 @@ class GradProbe:
                 grads.append(g)
         self._cache.clear()
         rows, present = param_stats(grads, self.device)
+        _scale_rows(rows, step_scale)
         if cached:
             idx = list(cached)
-            rows[idx] = torch.tensor(np.array([cached[i] for i in idx]), dtype=torch.float64, device=self.device)
+            hooked = torch.tensor(np.array([cached[i] for i in idx]), dtype=torch.float64, device=self.device)
+            _scale_rows(hooked, hook_scale)
+            rows[idx] = hooked
             present[idx] = True
         return self.reduce(rows, present)
 

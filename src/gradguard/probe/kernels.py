@@ -125,18 +125,20 @@ def device_stats(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         raise ValueError("device_stats needs at least one tensor")
     device = tensors[0].device
-    rows: list[torch.Tensor] = []
+    out = torch.zeros(len(tensors), N_STATS, dtype=torch.float64, device=device)
+    todo = [i for i, t in enumerate(tensors) if t.numel() > 0]  # empty tensors: all zeros
     start = 0
-    while start < len(tensors):
+    while start < len(todo):
         # Chunks bound the temporary copies to about _CHUNK elements.
         stop, size = start, 0
-        while stop < len(tensors) and (stop == start or size + tensors[stop].numel() <= _CHUNK):
-            size += tensors[stop].numel()
+        while stop < len(todo) and (stop == start or size + tensors[todo[stop]].numel() <= _CHUNK):
+            size += tensors[todo[stop]].numel()
             stop += 1
-        rows.append(_device_chunk([t.detach() for t in tensors[start:stop]]))
+        idx = todo[start:stop]
+        rows = _device_chunk([tensors[i].detach() for i in idx])
+        out.index_copy_(0, torch.tensor(idx, dtype=torch.long, device=device), rows.to(device))
         start = stop
-    out = torch.cat(rows) if len(rows) > 1 else rows[0]
-    return out.to(device)
+    return out
 
 
 def _device_chunk(ts: list[torch.Tensor]) -> torch.Tensor:
@@ -148,7 +150,7 @@ def _device_chunk(ts: list[torch.Tensor]) -> torch.Tensor:
     # Dividing by the max-abs puts every element in [-1, 1]: squaring can neither
     # underflow to 0 for 1e-27 gradients nor overflow to inf for 1e25 ones.
     scale = torch.where(amax > 0, amax, torch.ones_like(amax))
-    scaled = torch._foreach_div(clean, list(scale.to(ts[0].dtype).unbind()))
+    scaled = torch._foreach_div(clean, [s.to(t.dtype) for s, t in zip(scale.unbind(), clean)])
     unit = torch.stack(torch._foreach_norm(scaled)).to(torch.float64)
     sumsq = (unit * scale) ** 2
     return torch.stack([sumsq, amax, nonfinite], dim=1)

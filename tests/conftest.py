@@ -1,0 +1,50 @@
+"""Shared fixtures: small models and float64 references computed independently of gradguard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # two shared cores: one thread per process is faster and steadier
+    yield
+
+
+def mlp(depth: int, width: int, act: type[nn.Module] = nn.ReLU, d_in: int | None = None, d_out: int = 10) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    fan_in = d_in or width
+    for _ in range(depth):
+        layers += [nn.Linear(fan_in, width), act()]
+        fan_in = width
+    layers.append(nn.Linear(fan_in, d_out))
+    return nn.Sequential(*layers)
+
+
+def ref_layer_grad(module: nn.Module) -> tuple[float, float, float]:
+    """float64 (norm, max-abs, non-finite count) of the gradients a module owns directly."""
+    grads = [p.grad.detach().double().reshape(-1) for p in module._parameters.values() if p is not None and p.grad is not None]
+    g = torch.cat(grads)
+    finite = torch.isfinite(g)
+    gf = torch.where(finite, g, 0.0)
+    return float(gf.norm()), float(gf.abs().max()), float((~finite).sum())
+
+
+def ref_norm(tensors) -> float:
+    return float(torch.cat([t.detach().double().reshape(-1) for t in tensors]).norm())
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-300)
+
+
+@pytest.fixture
+def tmp_store(tmp_path):
+    return tmp_path / "run.db"
+
+
+np.seterr(all="ignore")

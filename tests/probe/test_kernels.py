@@ -1,0 +1,87 @@
+"""The per-tensor statistic kernels against a float64 reference, on both paths."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradguard.probe.kernels import LARGE, device_stats, host_stats
+
+
+def reference(t: torch.Tensor) -> list[float]:
+    x = t.detach().double().reshape(-1)
+    finite = torch.isfinite(x)
+    x = torch.where(finite, x, 0.0)
+    amax = float(x.abs().max()) if x.numel() else 0.0
+    # Scale in float64 before squaring so the reference itself cannot underflow.
+    sumsq = float(((x / amax) ** 2).sum()) * amax * amax if amax > 0 else 0.0
+    return [sumsq, amax, float((~finite).sum())]
+
+
+PATHS = {"host": lambda ts: host_stats(ts), "device": lambda ts: device_stats(ts).numpy()}
+
+
+def _cases() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    bad = torch.randn(64, 64, generator=g)
+    bad[3, 4], bad[1, 1], bad[0, 0] = math.nan, math.inf, -math.inf
+    big_bad = torch.randn(LARGE + 10, generator=g)
+    big_bad[7] = math.nan
+    return [
+        torch.randn(300, 300, generator=g),  # large: measured alone
+        torch.full((LARGE,), 1e-27),  # vanished: fp32 squares underflow to 0
+        torch.full((1000,), 1e-27),  # the same, on the stacked small path
+        torch.full((LARGE,), 1e25),  # fp32 squares overflow to inf
+        torch.randn(64, 64, generator=g) * 1e20,
+        torch.randn(64, 64, generator=g),
+        torch.randn(64, 64, generator=g),
+        bad,
+        big_bad,
+        torch.zeros(10, 10),
+        torch.zeros(0),
+    ]
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_matches_float64_reference(path, dtype):
+    ts = [t.to(dtype) for t in _cases()]
+    if dtype == torch.float16:  # 1e25 and 1e20 are inf in fp16: that is the reference too
+        pass
+    got = PATHS[path](ts)
+    for t, row in zip(ts, got):
+        ref = reference(t)
+        np.testing.assert_allclose(row, ref, rtol=1e-5, atol=0, err_msg=f"{dtype} {tuple(t.shape)}")
+
+
+def test_vanished_tensor_is_not_zero():
+    t = torch.full((LARGE,), 1e-27)
+    assert torch.linalg.vector_norm(t).item() == 0.0  # what a naive fp32 monitor reports
+    for path in PATHS.values():
+        sumsq = path([t])[0][0]
+        assert math.isclose(math.sqrt(sumsq), 1e-27 * math.sqrt(LARGE), rel_tol=1e-5)
+
+
+def test_huge_tensor_norm_is_finite_and_counted_apart():
+    t = torch.full((1000,), 1e25)
+    assert math.isinf(torch.linalg.vector_norm(t).item())
+    for path in PATHS.values():
+        sumsq, amax, bad = path([t])[0]
+        assert math.isfinite(sumsq) and bad == 0
+        assert math.isclose(math.sqrt(sumsq), 1e25 * math.sqrt(1000), rel_tol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=300),
+    st.sampled_from(sorted(PATHS)),
+)
+def test_property_against_reference(values, path):
+    t = torch.tensor(values, dtype=torch.float32)
+    row = PATHS[path]([t, t.clone()])[0]
+    np.testing.assert_allclose(row, reference(t), rtol=1e-5, atol=0)
