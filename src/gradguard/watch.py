@@ -54,6 +54,10 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _is_compiled(model: nn.Module) -> bool:
+    return hasattr(model, "_orig_mod") or bool(getattr(model, "_compiled_call_impl", None))
+
+
 def _key(f: Finding) -> tuple[str, str | None]:
     # Depth-wide findings name their worst layer, which can move between flushes: one per kind.
     if f.kind in ("vanishing_gradient", "exploding_gradient"):
@@ -109,7 +113,9 @@ class Watch:
         )
         self._grads = GradProbe(index, self.device, strategy)
         self._acts = (
-            ActivationProbe(model, index, self.device, dead_window=dead_window) if self.activations_every else None
+            ActivationProbe(model, index, self.device, dead_window=dead_window, persistent=_is_compiled(model))
+            if self.activations_every
+            else None
         )
         L = len(index)
         self._ring = torch.full((self.flush_every, _N, L), math.nan, dtype=torch.float64, device=self.device)
@@ -243,8 +249,11 @@ class Watch:
             return
         # The one synchronisation, every flush_every steps. copy=True: on CPU, .cpu() would
         # alias the ring, which the next steps overwrite.
-        values = self._ring[:n].to("cpu", copy=True).numpy()
-        loss = self._ring_loss[:n].to("cpu", copy=True).numpy()
+        if self.device.type == "meta":  # shapes only, no values: nothing was measured
+            values, loss = np.full((n, _N, len(self.layers)), np.nan), np.full(n, np.nan)
+        else:
+            values = self._ring[:n].to("cpu", copy=True).numpy()
+            loss = self._ring_loss[:n].to("cpu", copy=True).numpy()
         steps = np.array(self._ring_steps, dtype=np.int64)
         given = np.array(self._ring_given, dtype=bool)
         self._ring_steps.clear()
@@ -288,7 +297,7 @@ class Watch:
             self._handles.clear()
             self._grads.close()
             if self._acts is not None:
-                self._acts.detach()
+                self._acts.detach(final=True)
             if self._recorder is not None:
                 self._recorder.close()
             # Drop every reference to the model, its parameters and optimizer: the Trace

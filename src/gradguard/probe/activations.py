@@ -53,8 +53,14 @@ class ActivationProbe:
         device: torch.device,
         saturation_margin: float = 0.01,
         dead_window: int = 4,
+        persistent: bool = False,
     ) -> None:
         self.model = model
+        # torch.compile does not see hooks added after compilation (dynamo skips hook guards),
+        # so for a compiled model the hooks stay registered and a flag, which dynamo does
+        # guard on, switches them on for sampled steps: one graph without them, one with.
+        self.persistent = persistent
+        self.enabled = False
         self.index = index
         self.device = device
         self.margin = saturation_margin
@@ -68,25 +74,29 @@ class ActivationProbe:
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return self.enabled
 
     def attach(self) -> None:
-        """Install the forward hooks (for the next forward pass only)."""
+        """Measure the next forward pass: install the forward hooks (or switch them on)."""
+        self._current = None
+        self.enabled = True
         if self._handles:
             return
-        self._current = None
         for module in self.model.modules():
             if id(module) in self._layer_of or isinstance(module, _ACTIVATIONS):
                 self._handles.append(module.register_forward_hook(self._hook))
 
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def detach(self, final: bool = False) -> None:
+        """Stop measuring: remove the hooks (a persistent probe only switches them off)."""
+        self.enabled = False
         self._current = None
+        if final or not self.persistent:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
 
     def _hook(self, module: nn.Module, _inputs: object, output: object) -> None:
-        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+        if not self.enabled or not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return
         layer = self._layer_of.get(id(module))
         if layer is not None:
