@@ -1,0 +1,83 @@
+"""DDP with 2 real processes on gloo: ranks agree, equal the single-process full batch, rank 0 writes."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import gradguard
+
+pytestmark = pytest.mark.slow
+WORLD = 2
+STEPS = 4
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 200), nn.ReLU(), nn.Linear(200, 64), nn.Tanh(), nn.Linear(64, 10))
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(32, 256, generator=g), torch.randint(0, 10, (32,), generator=g)
+
+
+def _train(model, x, y, store, opt_model=None):
+    opt = torch.optim.SGD((opt_model or model).parameters(), lr=0.05)
+    with gradguard.watch(model, optimizer=opt, store=store, activations_every=0, weights_every=1) as w:
+        for _ in range(STEPS):
+            opt.zero_grad()
+            # mean over the local batch; DDP averages across ranks = mean over the full batch
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            w.step(loss=loss)
+            opt.step()
+    return w
+
+
+def _worker(rank: int, port: int, folder: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        x, y = _data()
+        shard = slice(rank * 16, (rank + 1) * 16)
+        ddp = nn.parallel.DistributedDataParallel(_model())
+        w = _train(ddp, x[shard], y[shard], os.path.join(folder, f"rank{rank}.db"))
+        assert w._grads is None  # closed
+        norms = torch.from_numpy(w.trace.metric("grad_norm"))
+        gathered = [torch.zeros_like(norms) for _ in range(WORLD)]
+        dist.all_gather(gathered, norms)
+        if rank == 0:
+            np.save(os.path.join(folder, "gathered.npy"), torch.stack(gathered).numpy())
+            np.save(os.path.join(folder, "layers.npy"), np.array(w.layers))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes(tmp_path):
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    gathered = np.load(tmp_path / "gathered.npy")
+    assert list(np.load(tmp_path / "layers.npy")) == ["0", "2", "4"]  # no "module." prefix
+    np.testing.assert_array_equal(gathered[0], gathered[1])  # all ranks agree exactly
+    # equal to one process on the full batch
+    x, y = _data()
+    single = _train(_model(), x, y, store=None)
+    np.testing.assert_allclose(gathered[0], single.trace.metric("grad_norm"), rtol=1e-5)
+    # only rank 0 wrote a store
+    assert (tmp_path / "rank0.db").exists() and not (tmp_path / "rank1.db").exists()
+    stored = gradguard.load(tmp_path / "rank0.db")
+    np.testing.assert_allclose(stored.metric("grad_norm"), gathered[0], rtol=0)
