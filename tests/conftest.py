@@ -15,7 +15,9 @@ def _seed_and_threads():
     yield
 
 
-def mlp(depth: int, width: int, act: type[nn.Module] = nn.ReLU, d_in: int | None = None, d_out: int = 10) -> nn.Sequential:
+def mlp(
+    depth: int, width: int, act: type[nn.Module] = nn.ReLU, d_in: int | None = None, d_out: int = 10
+) -> nn.Sequential:
     layers: list[nn.Module] = []
     fan_in = d_in or width
     for _ in range(depth):
@@ -27,7 +29,8 @@ def mlp(depth: int, width: int, act: type[nn.Module] = nn.ReLU, d_in: int | None
 
 def ref_layer_grad(module: nn.Module) -> tuple[float, float, float]:
     """float64 (norm, max-abs, non-finite count) of the gradients a module owns directly."""
-    grads = [p.grad.detach().double().reshape(-1) for p in module._parameters.values() if p is not None and p.grad is not None]
+    own = [p for p in module._parameters.values() if p is not None and p.grad is not None]
+    grads = [p.grad.detach().double().reshape(-1) for p in own]
     g = torch.cat(grads)
     finite = torch.isfinite(g)
     gf = torch.where(finite, g, 0.0)

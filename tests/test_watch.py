@@ -70,7 +70,7 @@ def test_weight_update_and_loss(strategy):
     np.testing.assert_allclose(t.loss, [e[0] for e in expect], rtol=1e-6)
     assert t.loss_given.all()
     for s, (_, before, after) in enumerate(expect):
-        for j, layer in enumerate(layers):
+        for j in range(len(layers)):
             k = 2 * j  # weight, bias of layer j in parameters() order
             wn, un = ref_norm(before[k : k + 2]), ref_norm([a - b for a, b in zip(after[k : k + 2], before[k : k + 2])])
             if s % 2 == 0:
@@ -191,7 +191,9 @@ def test_activation_statistics_and_sampling():
     x = torch.randn(32, 8) * 5
     w = gradguard.watch(model, activations_every=3, flush_every=100)
     captured = {}
-    hooks = [model[i].register_forward_hook(lambda m, i_, o, k=i: captured.__setitem__(k, o.detach())) for i in (1, 3, 4)]
+    hooks = [
+        model[i].register_forward_hook(lambda m, i_, o, k=i: captured.__setitem__(k, o.detach())) for i in (1, 3, 4)
+    ]
     outs = []
     for _ in range(7):
         model(x).sum().backward()

@@ -19,6 +19,7 @@ Statistics stay on the device in a preallocated buffer and reach the host every
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -317,10 +318,8 @@ class Watch:
     def __del__(self) -> None:
         # A Watch dropped without close() must not leave hooks on the model.
         if not getattr(self, "_closed", True):
-            try:
+            with contextlib.suppress(Exception):  # never raise from a finaliser
                 self.close()
-            except Exception:
-                pass
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

@@ -57,7 +57,7 @@ def param_stats(tensors: Sequence[torch.Tensor | None], device: torch.device) ->
     if not real:
         return rows, present
     items = [tensors[i] for i in real]
-    for dev, local in _group_by_device(items).items():  # type: ignore[arg-type]
+    for local in _group_by_device(items).values():  # type: ignore[arg-type]
         stats = tensor_stats([items[j] for j in local])  # type: ignore[misc]
         idx = torch.tensor([real[j] for j in local], dtype=torch.long, device=device)
         rows.index_copy_(0, idx, stats.to(device, non_blocking=True))
