@@ -240,14 +240,22 @@ def test_close_removes_every_hook_and_releases_the_model():
     assert len(w.trace) == 1  # the trace outlives the model
 
 
-def test_every_records_one_step_in_n():
-    model = mlp(1, 8, d_in=4)
-    with gradguard.watch(model, every=3, activations_every=0) as w:
-        for _ in range(7):
-            model(torch.randn(2, 4)).sum().backward()
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_records_one_step_in_n(strategy):
+    model = nn.Sequential(nn.Linear(256, 200), nn.ReLU(), nn.Linear(200, 10))
+    norms = []
+    with gradguard.watch(model, every=3, weights_every=6, activations_every=6, strategy=strategy) as w:
+        for step in range(8):
+            model.zero_grad()
+            model(torch.randn(4, 256)).sum().backward()
+            norms.append(ref_layer_grad(model[0])[0])
+            # in-backward hooks measure only steps that will be recorded
+            assert bool(w._grads._cache) == (step % 3 == 0 and w._grads.hooked > 0)
             w.step()
-    assert list(w.trace.steps) == [0, 1, 2]  # recorded steps are numbered consecutively
-    assert len(w.trace) == 3
+    assert w.trace.steps.tolist() == [0, 3, 6]  # training step numbers
+    np.testing.assert_allclose(w.trace.metric("grad_norm")[:, 0], [norms[0], norms[3], norms[6]], rtol=1e-5)
+    assert np.isnan(w.trace.metric("weight_norm")[1]).all() and not np.isnan(w.trace.metric("weight_norm")[2]).any()
+    assert not np.isnan(w.trace.metric("act_std")[[0, 2], 0]).any() and np.isnan(w.trace.metric("act_std")[1]).all()
 
 
 class NoParams(nn.Module):

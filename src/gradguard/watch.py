@@ -124,8 +124,8 @@ class Watch:
         self._ring_steps: list[int] = []
         self._ring_given: list[bool] = []
         self._nan_rows = torch.full((_N, L), math.nan, dtype=torch.float64, device=self.device)
-        self._step = 0  # the number the next recorded step gets
-        self._calls = 0  # optimizer steps / w.step() calls seen, recorded or not
+        self._calls = 0  # training steps seen (w.step() calls / optimizer steps), recorded or not
+        self._last_slot = -1
         self._awaiting_optimizer = False
         self._pending_loss: Any = None
         self._before: list[torch.Tensor] | None = None
@@ -185,27 +185,34 @@ class Watch:
 
     def _post_optimizer(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._awaiting_optimizer = False
-        if self._before is None or not self._ring_steps:
+        if self._before is None or not self._before or not self._ring_steps:
             self._before = None
             return
         params = self.index.params
         diff = torch._foreach_sub([p.detach() for p in params], self._before)
         upd = self._grads.measure_tensors(diff)[0]
-        row = self._ring[len(self._ring_steps) - 1]
+        row = self._ring[self._last_slot]
         row[_W + 1] = upd
         row[_W + 2] = upd / row[_W]
         self._before = None
 
     def _record(self) -> None:
-        call = self._calls
+        step = self._calls  # training steps are numbered by calls, recorded or not
         self._calls += 1
-        if call % self.every:
-            return
+        if step % self.every == 0:
+            self._record_step(step)
+        # Prepare the next step: in-backward hooks only when it will be recorded, and
+        # forward hooks only when it is a sampled step.
+        nxt = step + 1
+        recorded = nxt % self.every == 0
+        self._grads.armed = recorded
+        if self._acts is not None and recorded and nxt % self.activations_every == 0:
+            self._acts.attach()
+
+    def _record_step(self, step: int) -> None:
         if len(self._ring_steps) == self.flush_every:
             self.flush()
         slot = len(self._ring_steps)
-        step = self._step
-        self._step += 1
         row = self._ring[slot]
         row.copy_(self._nan_rows)
         row[_G : _G + 3] = self._grads.measure(*self._inverse_scales())
@@ -216,8 +223,6 @@ class Watch:
         if self._acts is not None and self._acts.attached:
             row[_A : _A + N_ACT] = self._acts.collect()
             self._acts.detach()
-        if self._acts is not None and (step + 1) % self.activations_every == 0:
-            self._acts.attach()  # hooks live only during the next (sampled) forward
         loss, self._pending_loss = self._pending_loss, None
         given = loss is not None
         if isinstance(loss, torch.Tensor):
@@ -226,6 +231,7 @@ class Watch:
             self._ring_loss[slot] = float(loss) if given else math.nan
         self._ring_steps.append(step)
         self._ring_given.append(given)
+        self._last_slot = slot
 
     def _inverse_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """AMP: (factor for gradients measured in backward, factor for those measured now)."""
@@ -323,7 +329,7 @@ class Watch:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"Watch({len(self.layers)} layers, {self._step} steps recorded, {state})"
+        return f"Watch({len(self.layers)} layers, {len(self.trace) + len(self._ring_steps)} steps recorded, {state})"
 
 
 def watch(
@@ -349,9 +355,10 @@ def watch(
         optimizer: if given, a step is recorded on every ``optimizer.step()`` (through its
             step hooks) unless :meth:`Watch.step` was called, and update sizes are measured.
         every: record every N-th step (1 = every step).
-        weights_every: measure weight norms (and update norms) every N recorded steps; 0 = never.
-        activations_every: sample activation statistics every N steps (forward hooks exist only
-            on those steps); 0 = never.
+        weights_every: measure weight norms (and update norms) on recorded steps whose number is a
+            multiple of N; 0 = never.
+        activations_every: sample activation statistics on recorded steps whose number is a
+            multiple of N (forward hooks exist only on those steps); 0 = never.
         flush_every: copy statistics to the host, run the detectors and commit to the store
             every N recorded steps (the only host-device synchronisation).
         store: path of an SQLite file to record to (crash-safe, readable while running).

@@ -91,6 +91,8 @@ class GradProbe:
         self.reduce = LayerReducer(index, device)
         self._cache: dict[int, tuple[int, int, int, tuple[float, float, float]]] = {}
         self._handles: list[RemovableHandle] = []
+        # Off for steps that will not be recorded (every > 1): the hooks then return at once.
+        self.armed = True
         if strategy != "fused" and not _distributed():
             limit = 1 if strategy == "hooks" else LARGE
             for i, p in enumerate(index.params):
@@ -106,6 +108,8 @@ class GradProbe:
         cache = self._cache
 
         def hook(p: torch.Tensor) -> None:
+            if not self.armed:
+                return
             g = p.grad
             if g is not None and not g.is_sparse:
                 cache[i] = (id(g), g.data_ptr(), g._version, host_stats_one(g))
