@@ -58,6 +58,9 @@ def _worker(rank: int, port: int, folder: str) -> None:
         if rank == 0:
             np.save(os.path.join(folder, "gathered.npy"), torch.stack(gathered).numpy())
             np.save(os.path.join(folder, "layers.npy"), np.array(w.layers))
+        del ddp
+        # rank 0 hosts the rendezvous store: nobody leaves before everyone is done with it
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -176,21 +176,23 @@ class Watch:
         self._check_open()
         self._pending_loss = loss
 
+    @torch.no_grad()
     def _pre_optimizer(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._awaiting_optimizer:
             self._record()  # nobody called w.step(): record from the optimizer's hook
         if self._before is not None:
-            params = self.index.params
-            self._before = [p.detach().clone() for p in params]
+            params: list[torch.Tensor] = list(self.index.params)
+            self._before = list(torch._foreach_mul(params, 1.0))  # a copy, in one fused call
 
+    @torch.no_grad()
     def _post_optimizer(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._awaiting_optimizer = False
         if self._before is None or not self._before or not self._ring_steps:
             self._before = None
             return
-        params = self.index.params
-        diff = torch._foreach_sub([p.detach() for p in params], self._before)
-        upd = self._grads.measure_tensors(diff)[0]
+        params: list[torch.Tensor] = list(self.index.params)
+        diff = torch._foreach_sub(params, self._before)  # type: ignore[arg-type]
+        upd = self._grads.measure_norms(diff)
         row = self._ring[self._last_slot]
         row[_W + 1] = upd
         row[_W + 2] = upd / row[_W]
@@ -209,6 +211,7 @@ class Watch:
         if self._acts is not None and recorded and nxt % self.activations_every == 0:
             self._acts.attach()
 
+    @torch.no_grad()
     def _record_step(self, step: int) -> None:
         if len(self._ring_steps) == self.flush_every:
             self.flush()
@@ -217,7 +220,7 @@ class Watch:
         row.copy_(self._nan_rows)
         row[_G : _G + 3] = self._grads.measure(*self._inverse_scales())
         if self.weights_every and step % self.weights_every == 0:
-            row[_W] = self._grads.measure_tensors([p.detach() for p in self.index.params])[0]
+            row[_W] = self._grads.measure_norms(self.index.params)
             if self.optimizer is not None:
                 self._before = []  # marks: snapshot parameters in the optimizer's pre-hook
         if self._acts is not None and self._acts.attached:

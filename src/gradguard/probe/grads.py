@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from .kernels import LARGE, N_STATS, host_stats_one, tensor_stats
+from .kernels import LARGE, N_STATS, device_stats, host_block, host_stats, host_stats_one, host_sumsq, plan_groups
 from .layers import LayerIndex
 
 STRATEGIES = ("auto", "fused", "hooks")
@@ -42,27 +42,48 @@ class LayerReducer:
         return torch.where(seen[None, :] > 0, out, torch.nan)
 
 
-def _group_by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
-    groups: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.device, []).append(i)
-    return groups
+def _group_stats(tensors: list[torch.Tensor], norm_only: bool) -> torch.Tensor:
+    """Statistics of one planned group (same device; on CPU also same dtype and shape)."""
+    if tensors[0].device.type != "cpu":
+        return device_stats(tensors)
+    if norm_only:
+        out = np.zeros((len(tensors), N_STATS), dtype=np.float64)
+        out[:, 0] = host_sumsq(tensors)
+        return torch.from_numpy(out)
+    try:
+        return torch.from_numpy(host_block(tensors))
+    except RuntimeError:  # a gradient whose shape or dtype differs from its parameter's
+        return torch.from_numpy(host_stats(tensors))
 
 
-def param_stats(tensors: Sequence[torch.Tensor | None], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Statistics of a list of tensors (None = missing) -> rows [P, 3] and present [P] on ``device``."""
-    rows = torch.zeros(len(tensors), N_STATS, dtype=torch.float64, device=device)
-    present = torch.zeros(len(tensors), dtype=torch.bool, device=device)
-    real = [i for i, t in enumerate(tensors) if t is not None]
-    if not real:
+class Plan:
+    """How to measure a fixed list of parameters: groups computed once, reused every step."""
+
+    def __init__(self, params: Sequence[torch.Tensor], device: torch.device) -> None:
+        self.device = device
+        self.groups = plan_groups(params)
+        self.index = [torch.tensor(g, dtype=torch.long, device=device) for g in self.groups]
+
+    @torch.no_grad()
+    def stats(
+        self, tensors: Sequence[torch.Tensor | None], norm_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows [P, 3] float64 and present [P] bool on the statistics device (None = missing)."""
+        rows = torch.zeros(len(tensors), N_STATS, dtype=torch.float64, device=self.device)
+        present = torch.zeros(len(tensors), dtype=torch.bool, device=self.device)
+        for group, index in zip(self.groups, self.index):
+            items = [tensors[i] for i in group]
+            if all(t is not None for t in items):
+                rows.index_copy_(0, index, _group_stats(items, norm_only).to(self.device, non_blocking=True))  # type: ignore[arg-type]
+                present.index_fill_(0, index, True)
+                continue
+            real = [i for i in group if tensors[i] is not None]  # some have no gradient: rare
+            if real:
+                sub = torch.tensor(real, dtype=torch.long, device=self.device)
+                got = _group_stats([tensors[i] for i in real], norm_only)  # type: ignore[misc]
+                rows.index_copy_(0, sub, got.to(self.device, non_blocking=True))
+                present.index_fill_(0, sub, True)
         return rows, present
-    items = [tensors[i] for i in real]
-    for local in _group_by_device(items).values():  # type: ignore[arg-type]
-        stats = tensor_stats([items[j] for j in local])  # type: ignore[misc]
-        idx = torch.tensor([real[j] for j in local], dtype=torch.long, device=device)
-        rows.index_copy_(0, idx, stats.to(device, non_blocking=True))
-    present[torch.tensor(real, dtype=torch.long, device=device)] = True
-    return rows, present
 
 
 def _scale_rows(rows: torch.Tensor, scale: torch.Tensor | None) -> None:
@@ -89,7 +110,8 @@ class GradProbe:
         self.index = index
         self.device = device
         self.reduce = LayerReducer(index, device)
-        self._cache: dict[int, tuple[int, int, int, tuple[float, float, float]]] = {}
+        self.plan = Plan(index.params, device)
+        self._cache: dict[int, tuple[torch.Tensor, int, tuple[float, float, float]]] = {}
         self._handles: list[RemovableHandle] = []
         # Off for steps that will not be recorded (every > 1): the hooks then return at once.
         self.armed = True
@@ -112,10 +134,11 @@ class GradProbe:
                 return
             g = p.grad
             if g is not None and not g.is_sparse:
-                cache[i] = (id(g), g.data_ptr(), g._version, host_stats_one(g))
+                cache[i] = (g, g._version, host_stats_one(g))
 
         return hook
 
+    @torch.no_grad()
     def measure(self, hook_scale: torch.Tensor | None = None, step_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Per-layer gradient statistics now, as float64 [3, L]: norm, absmax, nonfinite.
 
@@ -129,13 +152,13 @@ class GradProbe:
             if g is not None and g.is_sparse:
                 g = g.coalesce()._values()
             hit = self._cache.get(i)
-            if g is not None and hit is not None and hit[:3] == (id(g), g.data_ptr(), g._version):
-                cached[i] = hit[3]
+            if g is not None and hit is not None and hit[0] is g and hit[1] == g._version:
+                cached[i] = hit[2]
                 grads.append(None)
             else:
                 grads.append(g)
         self._cache.clear()
-        rows, present = param_stats(grads, self.device)
+        rows, present = self.plan.stats(grads)
         _scale_rows(rows, step_scale)
         if cached:
             idx = list(cached)
@@ -145,10 +168,11 @@ class GradProbe:
             present[idx] = True
         return self.reduce(rows, present)
 
-    def measure_tensors(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-        """Per-layer statistics of arbitrary per-parameter tensors (weights, updates): [3, L]."""
-        rows, present = param_stats(tensors, self.device)
-        return self.reduce(rows, present)
+    @torch.no_grad()
+    def measure_norms(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Per-layer L2 norms of per-parameter tensors (weights, updates): float64 [L]."""
+        rows, present = self.plan.stats(tensors, norm_only=True)
+        return self.reduce(rows, present)[0]
 
     def close(self) -> None:
         for h in self._handles:
