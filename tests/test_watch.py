@@ -314,3 +314,16 @@ def test_existing_store_is_not_overwritten_silently(tmp_store):
     with pytest.raises(ValueError, match="not a gradguard store"):
         gradguard.watch(nn.Linear(2, 2), store=other, overwrite=True)
     assert other.read_text() == "my notes"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_weights_changed_after_backward_are_measured_as_they_are_at_step(strategy):
+    model = nn.Sequential(nn.Linear(256, 200), nn.ReLU(), nn.Linear(200, 10))
+    with gradguard.watch(model, strategy=strategy, weights_every=1, activations_every=0) as w:
+        for _ in range(2):
+            model(torch.randn(4, 256)).sum().backward()
+            with torch.no_grad():
+                model[0].weight.mul_(2.0)  # after the in-backward hooks ran
+            w.step()
+    expect = ref_norm([model[0].weight, model[0].bias])
+    assert rel(w.trace.metric("weight_norm")[1, 0], expect) < 1e-6

@@ -135,6 +135,7 @@ class Watch:
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_optimizer))
             self._handles.append(optimizer.register_step_post_hook(self._post_optimizer))
+        self._grads.weights_armed = bool(self.weights_every)  # step 0 measures weights
         if self._acts is not None:
             self._acts.attach()  # step 0 is a sampled step
 
@@ -208,6 +209,7 @@ class Watch:
         nxt = step + 1
         recorded = nxt % self.every == 0
         self._grads.armed = recorded
+        self._grads.weights_armed = recorded and bool(self.weights_every) and nxt % self.weights_every == 0
         if self._acts is not None and recorded and nxt % self.activations_every == 0:
             self._acts.attach()
 
@@ -220,7 +222,7 @@ class Watch:
         row.copy_(self._nan_rows)
         row[_G : _G + 3] = self._grads.measure(*self._inverse_scales())
         if self.weights_every and step % self.weights_every == 0:
-            row[_W] = self._grads.measure_norms(self.index.params)
+            row[_W] = self._grads.measure_weights()
             if self.optimizer is not None:
                 self._before = []  # marks: snapshot parameters in the optimizer's pre-hook
         if self._acts is not None and self._acts.attached:

@@ -115,6 +115,10 @@ class GradProbe:
         self._handles: list[RemovableHandle] = []
         # Off for steps that will not be recorded (every > 1): the hooks then return at once.
         self.armed = True
+        # On for steps that also measure weights: the hook takes the weight's norm too, while
+        # backward has just read it (dX = dY W) and it is still in cache.
+        self.weights_armed = False
+        self._wcache: dict[int, tuple[int, float]] = {}
         if strategy != "fused" and not _distributed():
             limit = 1 if strategy == "hooks" else LARGE
             for i, p in enumerate(index.params):
@@ -127,7 +131,7 @@ class GradProbe:
         return len(self._handles)
 
     def _make_hook(self, i: int):  # type: ignore[no-untyped-def]
-        cache = self._cache
+        cache, wcache = self._cache, self._wcache
 
         def hook(p: torch.Tensor) -> None:
             if not self.armed:
@@ -135,6 +139,8 @@ class GradProbe:
             g = p.grad
             if g is not None and not g.is_sparse:
                 cache[i] = (g, g._version, host_stats_one(g))
+            if self.weights_armed:
+                wcache[i] = (p._version, host_sumsq([p])[0])
 
         return hook
 
@@ -169,6 +175,24 @@ class GradProbe:
         return self.reduce(rows, present)
 
     @torch.no_grad()
+    def measure_weights(self) -> torch.Tensor:
+        """Per-layer weight norms now: float64 [L] (in-backward results reused if unchanged)."""
+        params = self.index.params
+        todo: list[torch.Tensor | None] = list(params)
+        cached: dict[int, float] = {}
+        for i, (version, sumsq) in self._wcache.items():
+            if params[i]._version == version:
+                cached[i] = sumsq
+                todo[i] = None
+        self._wcache.clear()
+        rows, present = self.plan.stats(todo, norm_only=True)
+        if cached:
+            idx = list(cached)
+            rows[idx, 0] = torch.tensor([cached[i] for i in idx], dtype=torch.float64, device=self.device)
+            present[idx] = True
+        return self.reduce(rows, present)[0]
+
+    @torch.no_grad()
     def measure_norms(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
         """Per-layer L2 norms of per-parameter tensors (weights, updates): float64 [L]."""
         rows, present = self.plan.stats(tensors, norm_only=True)
@@ -179,3 +203,4 @@ class GradProbe:
             h.remove()
         self._handles.clear()
         self._cache.clear()
+        self._wcache.clear()
