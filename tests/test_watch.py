@@ -327,3 +327,16 @@ def test_weights_changed_after_backward_are_measured_as_they_are_at_step(strateg
             w.step()
     expect = ref_norm([model[0].weight, model[0].bias])
     assert rel(w.trace.metric("weight_norm")[1, 0], expect) < 1e-6
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sparse_embedding_gradient(strategy):
+    model = nn.Sequential(nn.Embedding(100, 8, sparse=True), nn.Linear(8, 2))
+    tokens = torch.tensor([[1, 2, 2, 5]])
+    with gradguard.watch(model, strategy=strategy, activations_every=0) as w:
+        model(tokens).sum().backward()
+        assert model[0].weight.grad.is_sparse
+        w.step()
+    dense = model[0].weight.grad.to_dense().double()
+    assert rel(w.trace.metric("grad_norm")[0, 0], float(dense.norm())) < 1e-6
+    assert rel(w.trace.metric("grad_absmax")[0, 0], float(dense.abs().max())) < 1e-6

@@ -27,10 +27,15 @@ class LayerReducer:
         self.n_layers = len(index)
         self.device = device
         self.layer_of = torch.tensor(index.param_layer, dtype=torch.long, device=device)
+        self._layer_of_np = np.asarray(index.param_layer, dtype=np.int64)
 
     def __call__(self, rows: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """rows [P, 3] float64 and present [P] bool -> [3, L]: norm, absmax, nonfinite (NaN if none)."""
-        rows = torch.where(present[:, None], rows, 0.0)
+        """rows [P, 3] float64 and present [P] bool -> [3, L]: norm, absmax, nonfinite (NaN if none).
+
+        Rows of missing parameters must be zero.
+        """
+        if self.device.type == "cpu":
+            return torch.from_numpy(self._host(rows.numpy(), present.numpy()))
         acc = torch.zeros(self.n_layers, N_STATS, dtype=torch.float64, device=self.device)
         acc.index_add_(0, self.layer_of, rows)
         amax = torch.zeros(self.n_layers, dtype=torch.float64, device=self.device)
@@ -40,6 +45,18 @@ class LayerReducer:
         out = torch.stack([acc[:, 0].sqrt(), amax, acc[:, 2]])
         # A layer none of whose parameters has a gradient is missing, not zero.
         return torch.where(seen[None, :] > 0, out, torch.nan)
+
+    def _host(self, rows: np.ndarray, present: np.ndarray) -> np.ndarray:
+        # The same reduction in numpy: on the host, torch's per-op cost would dominate.
+        idx, n = self._layer_of_np, self.n_layers
+        out = np.empty((N_STATS, n), dtype=np.float64)
+        out[0] = np.sqrt(np.bincount(idx, weights=rows[:, 0], minlength=n))
+        out[1] = 0.0
+        np.maximum.at(out[1], idx, rows[:, 1])
+        out[2] = np.bincount(idx, weights=rows[:, 2], minlength=n)
+        seen = np.bincount(idx, weights=present.astype(np.float64), minlength=n)
+        out[:, seen == 0] = np.nan
+        return out
 
 
 def _group_stats(tensors: list[torch.Tensor], norm_only: bool) -> torch.Tensor:
@@ -63,12 +80,15 @@ class Plan:
         self.device = device
         self.groups = plan_groups(params)
         self.index = [torch.tensor(g, dtype=torch.long, device=device) for g in self.groups]
+        self.host = device.type == "cpu" and all(p.device.type == "cpu" for p in params)
 
     @torch.no_grad()
     def stats(
         self, tensors: Sequence[torch.Tensor | None], norm_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """rows [P, 3] float64 and present [P] bool on the statistics device (None = missing)."""
+        if self.host:
+            return self._host_stats(tensors, norm_only)
         rows = torch.zeros(len(tensors), N_STATS, dtype=torch.float64, device=self.device)
         present = torch.zeros(len(tensors), dtype=torch.bool, device=self.device)
         for group, index in zip(self.groups, self.index):
@@ -85,12 +105,28 @@ class Plan:
                 present.index_fill_(0, sub, True)
         return rows, present
 
+    def _host_stats(
+        self, tensors: Sequence[torch.Tensor | None], norm_only: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Everything here is host memory: numpy arrays, no per-op dispatch.
+        rows = np.zeros((len(tensors), N_STATS), dtype=np.float64)
+        present = np.zeros(len(tensors), dtype=bool)
+        for group in self.groups:
+            real = [i for i in group if tensors[i] is not None]
+            if real:
+                items = [tensors[i] for i in real]
+                rows[real] = _group_stats(items, norm_only).numpy()  # type: ignore[arg-type]
+                present[real] = True
+        return torch.from_numpy(rows), torch.from_numpy(present)
+
 
 def _scale_rows(rows: torch.Tensor, scale: torch.Tensor | None) -> None:
     """Statistics of ``scale * g`` from those of ``g``, in place (scale > 0)."""
-    if scale is not None:
-        rows[:, 0] *= scale * scale
-        rows[:, 1] *= scale
+    if scale is None:
+        return
+    scale = scale.to(rows.device)
+    rows[:, 0] *= scale * scale
+    rows[:, 1] *= scale
 
 
 class GradProbe:
@@ -119,6 +155,8 @@ class GradProbe:
         # backward has just read it (dX = dY W) and it is still in cache.
         self.weights_armed = False
         self._wcache: dict[int, tuple[int, float]] = {}
+        # Only embeddings can have sparse gradients: check just those parameters each step.
+        self._sparse = [i for i, layer in enumerate(index.param_layer) if getattr(index.modules[layer], "sparse", False)]
         if strategy != "fused" and not _distributed():
             limit = 1 if strategy == "hooks" else LARGE
             for i, p in enumerate(index.params):
@@ -151,27 +189,29 @@ class GradProbe:
         ``hook_scale`` multiplies gradients measured inside backward and ``step_scale`` those
         measured now (AMP: the inverse loss scale where a gradient was still scaled).
         """
-        grads: list[torch.Tensor | None] = []
-        cached: dict[int, tuple[float, float, float]] = {}
-        for i, p in enumerate(self.index.params):
-            g = p.grad
+        grads: list[torch.Tensor | None] = [p.grad for p in self.index.params]
+        for i in self._sparse:
+            g = grads[i]
             if g is not None and g.is_sparse:
-                g = g.coalesce()._values()
-            hit = self._cache.get(i)
-            if g is not None and hit is not None and hit[0] is g and hit[1] == g._version:
-                cached[i] = hit[2]
-                grads.append(None)
-            else:
-                grads.append(g)
+                grads[i] = g.coalesce()._values()
+        cached: dict[int, tuple[float, float, float]] = {}
+        for i, (g, version, stats) in self._cache.items():
+            if grads[i] is g and g._version == version:
+                cached[i] = stats
+                grads[i] = None  # measured already
         self._cache.clear()
         rows, present = self.plan.stats(grads)
         _scale_rows(rows, step_scale)
         if cached:
             idx = list(cached)
-            hooked = torch.tensor(np.array([cached[i] for i in idx]), dtype=torch.float64, device=self.device)
+            hooked = torch.from_numpy(np.array([cached[i] for i in idx], dtype=np.float64))
             _scale_rows(hooked, hook_scale)
-            rows[idx] = hooked
-            present[idx] = True
+            if rows.device.type == "cpu":
+                rows.numpy()[idx] = hooked.numpy()
+                present.numpy()[idx] = True
+            else:
+                rows[idx] = hooked.to(rows.device)
+                present[idx] = True
         return self.reduce(rows, present)
 
     @torch.no_grad()
@@ -188,8 +228,12 @@ class GradProbe:
         rows, present = self.plan.stats(todo, norm_only=True)
         if cached:
             idx = list(cached)
-            rows[idx, 0] = torch.tensor([cached[i] for i in idx], dtype=torch.float64, device=self.device)
-            present[idx] = True
+            if rows.device.type == "cpu":
+                rows.numpy()[idx, 0] = [cached[i] for i in idx]
+                present.numpy()[idx] = True
+            else:
+                rows[idx, 0] = torch.tensor([cached[i] for i in idx], dtype=torch.float64, device=rows.device)
+                present[idx] = True
         return self.reduce(rows, present)[0]
 
     @torch.no_grad()

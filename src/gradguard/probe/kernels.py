@@ -103,12 +103,23 @@ def host_block(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     amax = np.maximum(-lo.float().numpy(), hi.float().numpy()).astype(np.float64)
     low = block.dtype in (torch.float16, torch.bfloat16)
     norm = torch.linalg.vector_norm(block, dim=1, dtype=torch.float32 if low else None)
-    ok = np.isfinite(amax) & ((amax == 0) | ((amax >= _SAFE_LO) & (amax <= _safe_hi(block.shape[1]))))
+    finite = np.isfinite(amax)
+    ok = finite & ((amax == 0) | ((amax >= _SAFE_LO) & (amax <= _safe_hi(block.shape[1]))))
     out[ok, SUMSQ] = norm.double().numpy()[ok] ** 2
-    out[ok, AMAX] = amax[ok]
-    if not ok.all():
-        out[~ok] = _precise_rows(block[torch.from_numpy(~ok)])
+    out[:, AMAX] = amax
+    extreme = finite & ~ok  # vanished or huge but finite: rescale exactly, then square
+    if extreme.any():
+        out[extreme, SUMSQ] = _rescaled_sumsq(block[torch.from_numpy(extreme)], amax[extreme])
+    if not finite.all():  # NaN/inf present: the full float64 path, which counts them
+        out[~finite] = _precise_rows(block[torch.from_numpy(~finite)])
     return out
+
+
+def _rescaled_sumsq(rows: torch.Tensor, amax: np.ndarray) -> np.ndarray:
+    """Sums of squares of finite rows with extreme values: scaled by a power of two (exact)."""
+    scale = torch.from_numpy(np.exp2(-np.floor(np.log2(amax))))
+    norm = torch.linalg.vector_norm(rows.to(torch.float64) * scale[:, None], dim=1)
+    return ((norm / scale) ** 2).numpy()
 
 
 def plan_groups(tensors: Sequence[torch.Tensor]) -> list[list[int]]:
