@@ -156,7 +156,8 @@ class GradProbe:
         self.weights_armed = False
         self._wcache: dict[int, tuple[int, float]] = {}
         # Only embeddings can have sparse gradients: check just those parameters each step.
-        self._sparse = [i for i, layer in enumerate(index.param_layer) if getattr(index.modules[layer], "sparse", False)]
+        modules = index.modules
+        self._sparse = [i for i, layer in enumerate(index.param_layer) if getattr(modules[layer], "sparse", False)]
         if strategy != "fused" and not _distributed():
             limit = 1 if strategy == "hooks" else LARGE
             for i, p in enumerate(index.params):
