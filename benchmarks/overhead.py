@@ -162,8 +162,10 @@ def _item_norms(model: nn.Module) -> Runner:
     return _runner("item_norms", model, lambda loss: [g.norm().item() for g in _grads(model)])
 
 
-def make_runners(task: Task, tmpdir: str, skipped: list[dict[str, str]]) -> list[Runner]:
-    """Every variant, each on its own deep copy of the task's model (bare first)."""
+def make_runners(
+    task: Task, tmpdir: str, skipped: list[dict[str, str]], only: set[str] | None = None
+) -> list[Runner]:
+    """Every variant (or those in ``only``), each on its own deep copy of the model (bare first)."""
 
     def fresh() -> nn.Module:
         return copy.deepcopy(task.model)
@@ -174,10 +176,16 @@ def make_runners(task: Task, tmpdir: str, skipped: list[dict[str, str]]) -> list
         _clip(fresh()),
         _item_norms(fresh()),
         _gradguard("gradguard", fresh(), every=1, weights_every=10, activations_every=0),
+        _gradguard("gradguard_hooks", fresh(), activations_every=0, strategy="hooks"),
+        _gradguard("gradguard_fused", fresh(), activations_every=0, strategy="fused"),
         _gradguard("gradguard_weights1", fresh(), weights_every=1, activations_every=0),
         _gradguard("gradguard_every10", fresh(), every=10, activations_every=0),
         _gradguard("gradguard_acts50", fresh(), activations_every=50),
     ]
+    if only is not None:
+        runners = [r for r in runners if r.name == "bare" or r.name in only]
+        if "wandb_watch" not in only:
+            return runners
     try:
         import wandb  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
@@ -202,11 +210,13 @@ def run_steps(r: Runner, task: Task, steps: int) -> None:
         r.optimizer.zero_grad(set_to_none=True)
 
 
-def bench_model(name: str, rounds: int, steps: int, skipped: list[dict[str, str]]) -> list[dict[str, Any]]:
+def bench_model(
+    name: str, rounds: int, steps: int, skipped: list[dict[str, str]], only: set[str] | None = None
+) -> list[dict[str, Any]]:
     """Interleaved timing of every variant on one model -> result rows."""
     task = make_task(name)
     with tempfile.TemporaryDirectory() as tmpdir:
-        runners = make_runners(task, tmpdir, skipped)
+        runners = make_runners(task, tmpdir, skipped, only)
         try:
             for r in runners:
                 run_steps(r, task, WARMUP_STEPS)
@@ -287,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     ap.add_argument("--quick", action="store_true", help="smoke test: 3 rounds of 3 steps")
+    ap.add_argument("--variants", default=None, help="comma-separated variants to run (bare always runs)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 3, 3
@@ -296,10 +307,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    only = {v.strip() for v in args.variants.split(",") if v.strip()} if args.variants else None
     skipped: list[dict[str, str]] = []
     rows: list[dict[str, Any]] = []
     for name in models:
-        rows += bench_model(name, args.rounds, args.steps, skipped)
+        rows += bench_model(name, args.rounds, args.steps, skipped, only)
     info = machine(args.rounds, args.steps)
     for s in skipped:
         print(f"skipped {s['variant']}: {s['reason']}", file=sys.stderr if args.json else sys.stdout)

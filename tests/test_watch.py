@@ -52,10 +52,11 @@ def test_gradient_statistics_match_float64(strategy, dtype):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_weight_update_and_loss(strategy):
-    model = mlp(3, 32, d_in=16)
-    x, y = torch.randn(64, 16), torch.randint(0, 10, (64,))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_weight_update_and_loss(strategy, dtype):
+    model = mlp(3, 32, d_in=16).to(dtype)
+    x, y = torch.randn(64, 16, dtype=dtype), torch.randint(0, 10, (64,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-3)
     w = gradguard.watch(model, optimizer=opt, weights_every=2, strategy=strategy, activations_every=0)
     expect = []
     for _ in range(4):
@@ -72,7 +73,8 @@ def test_weight_update_and_loss(strategy):
     for s, (_, before, after) in enumerate(expect):
         for j in range(len(layers)):
             k = 2 * j  # weight, bias of layer j in parameters() order
-            wn, un = ref_norm(before[k : k + 2]), ref_norm([a - b for a, b in zip(after[k : k + 2], before[k : k + 2])])
+            diffs = [a.double() - b.double() for a, b in zip(after[k : k + 2], before[k : k + 2])]
+            wn, un = ref_norm(before[k : k + 2]), ref_norm(diffs)
             if s % 2 == 0:
                 assert rel(t.metric("weight_norm")[s, j], wn) < 1e-6
                 assert rel(t.metric("update_norm")[s, j], un) < 1e-5
@@ -186,9 +188,10 @@ def test_thirty_layer_sigmoid_first_layer_norm_below_fp32_range():
     assert rel(w.trace.metric("grad_norm")[0, 0], ref) < 1e-3
 
 
-def test_activation_statistics_and_sampling():
-    model = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-    x = torch.randn(32, 8) * 5
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_activation_statistics_and_sampling(dtype):
+    model = nn.Sequential(nn.Linear(8, 16), nn.Sigmoid(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(dtype)
+    x = torch.randn(32, 8, dtype=dtype) * 5
     w = gradguard.watch(model, activations_every=3, flush_every=100)
     captured = {}
     hooks = [
@@ -196,7 +199,7 @@ def test_activation_statistics_and_sampling():
     ]
     outs = []
     for _ in range(7):
-        model(x).sum().backward()
+        model(x).float().sum().backward()
         outs.append(dict(captured))
         w.step()
     # between sampled steps gradguard has no hook on the model (only the test's own three)

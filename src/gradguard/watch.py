@@ -55,6 +55,10 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _is_compiled(model: nn.Module) -> bool:
     return hasattr(model, "_orig_mod") or bool(getattr(model, "_compiled_call_impl", None))
 
@@ -182,8 +186,8 @@ class Watch:
         if not self._awaiting_optimizer:
             self._record()  # nobody called w.step(): record from the optimizer's hook
         if self._before is not None:
-            params: list[torch.Tensor] = list(self.index.params)
-            self._before = list(torch._foreach_mul(params, 1.0))  # a copy, in one fused call
+            # fp16/bf16 parameters are copied to float32 so the update is not rounded to them.
+            self._before = [p.to(_wide(p.dtype), copy=True) for p in self.index.params]
 
     @torch.no_grad()
     def _post_optimizer(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -191,8 +195,7 @@ class Watch:
         if self._before is None or not self._before or not self._ring_steps:
             self._before = None
             return
-        params: list[torch.Tensor] = list(self.index.params)
-        diff = torch._foreach_sub(params, self._before)  # type: ignore[arg-type]
+        diff = [p.to(b.dtype) - b for p, b in zip(self.index.params, self._before)]
         upd = self._grads.measure_norms(diff)
         row = self._ring[self._last_slot]
         row[_W + 1] = upd
