@@ -6,11 +6,29 @@ __version__ = "0.1.0"
 
 from .detect import Finding, Fix, Thresholds, detect
 from .record import StoreError, load, load_findings
+from .remedy import (
+    AutoClip,
+    ClipResult,
+    NonFiniteGuard,
+    ZScoreClip,
+    adaptive_clip_grad_,
+    clip_grad_norm_,
+    clip_grad_value_,
+    localize,
+)
 from .trace import METRICS, Trace
 from .watch import Watch, watch
 
 __all__ = [
     "METRICS",
+    "AutoClip",
+    "ClipResult",
+    "NonFiniteGuard",
+    "ZScoreClip",
+    "adaptive_clip_grad_",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "localize",
     "Finding",
     "Fix",
     "StoreError",

@@ -1,0 +1,323 @@
+"""Gradient clipping that never spreads a NaN: norm, value, adaptive (AGC), AutoClip and z-score.
+
+Conventions follow ``torch.nn.utils``: functions ending in ``_`` modify gradients in
+place; ``parameters`` is a tensor or an iterable of tensors (gradients of ``None`` are
+skipped). On finite gradients :func:`clip_grad_norm_` and :func:`clip_grad_value_`
+give bit-for-bit PyTorch's results.
+
+What differs is the non-finite case. PyTorch multiplies every gradient by
+``max_norm / (nan + eps)``, so one NaN element makes every gradient NaN (and one inf makes
+them all zero). Here the clip factor is computed from the tensors whose norm is finite;
+a tensor holding NaN/inf keeps its non-finite elements (so a guard can still see them),
+and no finite gradient is changed by the bad value. Stateful clippers never let a
+non-finite norm into their statistics. Everything stays on the device: no host
+synchronisation, no ``.item()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import torch
+from torch.utils._foreach_utils import _has_foreach_support
+
+__all__ = [
+    "AutoClip",
+    "ClipResult",
+    "ZScoreClip",
+    "adaptive_clip_grad_",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+]
+
+Parameters = torch.Tensor | Iterable[torch.Tensor]
+_EPS = 1e-6  # PyTorch's, in max_norm / (total_norm + 1e-6)
+
+
+class ClipResult(NamedTuple):
+    """What a clipper did, as 0-d tensors on the gradients' device (no synchronisation).
+
+    ``total_norm`` is the norm of all gradients (non-finite if any element is);
+    ``clip_coef`` the factor finite gradients were multiplied by (1 = untouched);
+    ``max_norm`` the threshold used.
+    """
+
+    total_norm: torch.Tensor
+    clip_coef: torch.Tensor
+    max_norm: torch.Tensor
+
+
+def _grads(parameters: Parameters) -> list[torch.Tensor]:
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    out = []
+    for p in parameters:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"expected tensors (parameters), got {type(p).__name__}")
+        if p.grad is not None:
+            out.append(p.grad)
+    return out
+
+
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    # The fused kernels take tensors of one device and dtype, as in torch.nn.utils.clip_grad.
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
+def _check_positive(name: str, value: float | torch.Tensor, allow_zero: bool = False) -> None:
+    if isinstance(value, torch.Tensor):
+        return  # a device tensor: checking it would synchronise
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        need = "a non-negative number" if allow_zero else "a positive number"
+        raise ValueError(f"{name} must be {need}, got {value!r}")
+
+
+def _norms(grads: list[torch.Tensor], norm_type: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-tensor norms stacked on the first device, the total norm) exactly as PyTorch computes them."""
+    first = grads[0].device
+    norms: list[torch.Tensor] = []
+    for (device, _), group in _by_device_and_dtype(grads).items():
+        # The same choice as torch.nn.utils.clip_grad_norm_ (foreach=None), for identical numbers.
+        if _has_foreach_support(group, device):
+            norms.extend(torch._foreach_norm(group, norm_type))
+        else:
+            norms.extend(torch.linalg.vector_norm(g, norm_type) for g in group)
+    stacked = torch.stack([n.to(first) for n in norms])
+    return stacked, torch.linalg.vector_norm(stacked, norm_type)
+
+
+def _clean_total(stacked: torch.Tensor, norm_type: float) -> torch.Tensor:
+    # Tensors whose norm is NaN/inf are left out: identical to the total when all are finite.
+    return torch.linalg.vector_norm(torch.where(torch.isfinite(stacked), stacked, 0.0), norm_type)
+
+
+def _scale_(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+    for (device, _), group in _by_device_and_dtype(grads).items():
+        torch._foreach_mul_(group, coef.to(device))
+
+
+@torch.no_grad()
+def _clip_by_norm(
+    grads: list[torch.Tensor], max_norm: float | torch.Tensor, norm_type: float
+) -> tuple[ClipResult, torch.Tensor]:
+    stacked, total = _norms(grads, norm_type)
+    clean = _clean_total(stacked, norm_type)
+    coef = torch.clamp(max_norm / (clean + _EPS), max=1.0)
+    _scale_(grads, coef)
+    limit = max_norm if isinstance(max_norm, torch.Tensor) else torch.tensor(float(max_norm), device=total.device)
+    return ClipResult(total, coef, limit), clean
+
+
+def clip_grad_norm_(
+    parameters: Parameters,
+    max_norm: float | torch.Tensor,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    """Scale gradients so their total norm is at most ``max_norm``; returns the total norm.
+
+    Same arguments, results and return value as ``torch.nn.utils.clip_grad_norm_`` on
+    finite gradients. With NaN/inf present the factor comes from the finite tensors, so the
+    bad value does not spread; the returned total norm is still non-finite, as PyTorch's.
+    ``error_if_nonfinite=True`` raises instead (this reads the norm: one synchronisation).
+    ``foreach`` is accepted for compatibility: fused kernels are used wherever they exist.
+    """
+    _check_positive("max_norm", max_norm, allow_zero=True)
+    norm_type = float(norm_type)
+    grads = _grads(parameters)
+    if not grads:
+        return torch.tensor(0.0)
+    result, _ = _clip_by_norm(grads, max_norm, norm_type)
+    if error_if_nonfinite and not torch.isfinite(result.total_norm):
+        raise RuntimeError(
+            f"the total norm of order {norm_type} of the gradients is non-finite; set "
+            "error_if_nonfinite=False to clip the finite gradients and let a guard skip the step"
+        )
+    return result.total_norm
+
+
+@torch.no_grad()
+def clip_grad_value_(parameters: Parameters, clip_value: float, foreach: bool | None = None) -> None:
+    """Clamp every gradient element to [-clip_value, clip_value], in place (as PyTorch's).
+
+    NaN stays NaN and never spreads; +-inf becomes +-clip_value, exactly as in
+    ``torch.nn.utils`` (watch or guard before clipping to see an overflow).
+    """
+    _check_positive("clip_value", clip_value, allow_zero=True)
+    for group in _by_device_and_dtype(_grads(parameters)).values():
+        torch._foreach_clamp_min_(group, -clip_value)
+        torch._foreach_clamp_max_(group, clip_value)
+
+
+def _unit_norms(t: torch.Tensor) -> torch.Tensor:
+    """Norm of each output unit (row of dim 0), keeping dims for broadcasting; whole tensor if <= 1-D."""
+    if t.dim() <= 1:
+        return torch.linalg.vector_norm(t).reshape([1] * max(t.dim(), 1))
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())), keepdim=True)
+
+
+@torch.no_grad()
+def adaptive_clip_grad_(
+    parameters: Parameters,
+    clipping: float = 0.01,
+    eps: float = 1e-3,
+    exclude: Iterable[torch.Tensor] = (),
+) -> torch.Tensor:
+    """Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021), in place.
+
+    Each output unit's gradient G_i is rescaled to at most ``clipping * max(||W_i||, eps)``.
+    Leave out the final classifier, as the paper does, with
+    ``exclude=model.fc.parameters()``. A unit whose gradient is non-finite is left as it
+    is (its finite elements are not turned into NaN). Returns the fraction of units
+    clipped (a 0-d tensor; no synchronisation).
+    """
+    _check_positive("clipping", clipping)
+    _check_positive("eps", eps)
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    skip = {id(p) for p in exclude}
+    params = [p for p in parameters if p.grad is not None and id(p) not in skip]
+    if not params:
+        return torch.tensor(0.0)
+    factors = []
+    clipped = []
+    for p in params:
+        g = p.grad
+        assert g is not None
+        w_norm = _unit_norms(p.detach()).clamp_min(eps)
+        g_norm = _unit_norms(g)
+        limit = w_norm * clipping
+        # where(): a NaN unit norm gives factor 1 (untouched), never NaN spread over the row.
+        factor = torch.where(torch.isfinite(g_norm) & (g_norm > limit), limit / g_norm.clamp_min(1e-6), 1.0)
+        factors.append(factor.to(g.dtype))
+        clipped.append((factor < 1).reshape(-1))
+    torch._foreach_mul_([p.grad for p in params], factors)  # type: ignore[misc, arg-type]
+    flags = torch.cat([c.to(params[0].device) for c in clipped])
+    return flags.to(torch.float32).mean()
+
+
+class _Stateful:
+    """Shared by the stateful clippers: clip by a threshold kept on the device."""
+
+    norm_type: float
+
+    def _apply(self, parameters: Parameters, threshold_of: Any) -> ClipResult:
+        grads = _grads(parameters)
+        if not grads:
+            zero = torch.tensor(0.0)
+            return ClipResult(zero, torch.tensor(1.0), zero)
+        with torch.no_grad():
+            stacked, total = _norms(grads, self.norm_type)
+            finite = torch.isfinite(total)
+            clean = _clean_total(stacked, self.norm_type)
+            max_norm = threshold_of(total, finite)
+            coef = torch.clamp(max_norm / (clean + _EPS), max=1.0)
+            _scale_(grads, coef)
+        return ClipResult(total, coef, max_norm)
+
+
+class AutoClip(_Stateful):
+    """Clip at a percentile of the history of gradient norms (Seetharaman et al. 2020).
+
+    Each call adds the total norm to the history (a device ring buffer of ``history``
+    entries), then clips at its ``percentile``-th percentile. Non-finite norms are never
+    added. Use as ``AutoClip(10)(model.parameters())``; returns a :class:`ClipResult`.
+    """
+
+    def __init__(self, percentile: float = 10.0, history: int = 1000, norm_type: float = 2.0) -> None:
+        if not 0 < percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(f"history must be a positive integer, got {history!r}")
+        self.percentile = float(percentile)
+        self.history = history
+        self.norm_type = float(norm_type)
+        self._norms: torch.Tensor | None = None  # NaN = empty slot
+        self._seen = torch.zeros((), dtype=torch.long)  # finite norms recorded so far
+
+    def __call__(self, parameters: Parameters) -> ClipResult:
+        return self._apply(parameters, self._threshold)
+
+    def _threshold(self, total: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        if self._norms is None or self._norms.device != total.device:
+            self._norms = torch.full((self.history,), math.nan, dtype=torch.float64, device=total.device)
+            self._seen = torch.zeros((), dtype=torch.long, device=total.device)
+        # The write position counts finite steps only, on the device: a non-finite step
+        # rewrites the slot's old value, so it is as if it never happened (and nothing syncs).
+        slot = (self._seen % self.history).reshape(1)
+        old = self._norms.index_select(0, slot)
+        self._norms.index_copy_(0, slot, torch.where(finite, total.to(torch.float64), old))
+        self._seen += finite.to(torch.long)
+        q = torch.nanquantile(self._norms, self.percentile / 100.0)  # NaN = empty slot, ignored
+        # Before any finite norm there is no threshold: do not clip.
+        return torch.where(torch.isnan(q), math.inf, q).to(total.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"percentile": self.percentile, "history": self.history, "norm_type": self.norm_type,
+                "norms": None if self._norms is None else self._norms.clone(), "seen": self._seen.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.percentile, self.history = float(state["percentile"]), int(state["history"])
+        self.norm_type = float(state["norm_type"])
+        self._norms = None if state["norms"] is None else state["norms"].clone()
+        self._seen = state["seen"].clone()
+
+
+class ZScoreClip(_Stateful):
+    """Clip when the total norm is a z-score outlier against its running mean and variance.
+
+    After ``warmup`` finite steps (plain running mean/variance), the mean and variance are
+    exponential moving averages with factor ``alpha``; a norm with z-score above
+    ``z_threshold`` is clipped to ``mean + z_threshold * std`` (ZClip-style). Non-finite
+    norms never update the statistics. Returns a :class:`ClipResult`.
+    """
+
+    def __init__(self, z_threshold: float = 2.5, alpha: float = 0.97, warmup: int = 25, norm_type: float = 2.0) -> None:
+        _check_positive("z_threshold", z_threshold)
+        if not 0 < alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be a positive integer, got {warmup!r}")
+        self.z_threshold, self.alpha, self.warmup = float(z_threshold), float(alpha), warmup
+        self.norm_type = float(norm_type)
+        self._state: torch.Tensor | None = None  # [count of finite steps, mean, var], float64
+
+    def __call__(self, parameters: Parameters) -> ClipResult:
+        return self._apply(parameters, self._threshold)
+
+    def _threshold(self, total: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        if self._state is None or self._state.device != total.device:
+            self._state = torch.zeros(3, dtype=torch.float64, device=total.device)
+        n, mean, var = self._state.unbind()
+        x = torch.where(finite, total.to(torch.float64), mean)
+        warm = n >= self.warmup
+        limit = torch.where(warm, mean + self.z_threshold * var.clamp_min(0).sqrt(), math.inf)
+        clipped = torch.minimum(x, limit)
+        # Update with the clipped value, so one spike does not inflate the statistics.
+        n1 = n + 1
+        delta = clipped - mean
+        w_mean = torch.where(warm, mean + (1 - self.alpha) * delta, mean + delta / n1)
+        w_var = torch.where(
+            warm,
+            self.alpha * (var + (1 - self.alpha) * delta * delta),
+            var + (delta * (clipped - w_mean) - var) / n1,
+        )
+        new = torch.stack([n1, w_mean, w_var])
+        self._state = torch.where(finite, new, self._state)  # a non-finite step changes nothing
+        return limit.to(total.dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"z_threshold": self.z_threshold, "alpha": self.alpha, "warmup": self.warmup,
+                "norm_type": self.norm_type, "state": None if self._state is None else self._state.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.z_threshold, self.alpha = float(state["z_threshold"]), float(state["alpha"])
+        self.warmup, self.norm_type = int(state["warmup"]), float(state["norm_type"])
+        self._state = None if state["state"] is None else state["state"].clone()
