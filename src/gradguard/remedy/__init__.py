@@ -1,17 +1,34 @@
 """Remedies: the interventions that fix vanishing and exploding gradients."""
 
+from .architecture import (
+    InputStandardizer,
+    Residual,
+    insert_normalization,
+    prepend_standardizer,
+    residualize,
+    swap_activation,
+)
 from .clip import AutoClip, ClipResult, ZScoreClip, adaptive_clip_grad_, clip_grad_norm_, clip_grad_value_
 from .guard import GuardEvent, Localization, NonFiniteGuard, localize
+from .regularize import l1_penalty, l2_penalty
 
 __all__ = [
     "AutoClip",
     "ClipResult",
     "GuardEvent",
+    "InputStandardizer",
     "Localization",
     "NonFiniteGuard",
+    "Residual",
     "ZScoreClip",
     "adaptive_clip_grad_",
     "clip_grad_norm_",
     "clip_grad_value_",
+    "insert_normalization",
+    "l1_penalty",
+    "l2_penalty",
     "localize",
+    "prepend_standardizer",
+    "residualize",
+    "swap_activation",
 ]
