@@ -10,6 +10,7 @@ from .architecture import (
 )
 from .clip import AutoClip, ClipResult, ZScoreClip, adaptive_clip_grad_, clip_grad_norm_, clip_grad_value_
 from .guard import GuardEvent, Localization, NonFiniteGuard, localize
+from .init import SCHEMES, init_, lsuv, zero_init_residual_
 from .regularize import l1_penalty, l2_penalty
 
 __all__ = [
@@ -20,15 +21,19 @@ __all__ = [
     "Localization",
     "NonFiniteGuard",
     "Residual",
+    "SCHEMES",
     "ZScoreClip",
     "adaptive_clip_grad_",
     "clip_grad_norm_",
     "clip_grad_value_",
+    "init_",
     "insert_normalization",
     "l1_penalty",
     "l2_penalty",
     "localize",
+    "lsuv",
     "prepend_standardizer",
     "residualize",
     "swap_activation",
+    "zero_init_residual_",
 ]
