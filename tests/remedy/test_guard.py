@@ -103,7 +103,8 @@ def test_restore_policy_loads_the_last_good_snapshot():
     assert all(torch.equal(a, b) for a, b in zip(snaps[5], snaps[3]))
 
 
-def test_fp16_style_grad_scaler_names_the_overflowing_layer():
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16])
+def test_grad_scaler_names_the_overflowing_layer(amp_dtype):
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
@@ -112,7 +113,7 @@ def test_fp16_style_grad_scaler_names_the_overflowing_layer():
     scales = []
     for step in range(5):
         opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=amp_dtype):
             loss = ((model(x).float() - y) ** 2).mean()
         scaler.scale(loss).backward()
         if step == 2:
