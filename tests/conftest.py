@@ -45,6 +45,25 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-300)
 
 
+# Tensor methods that read a value back to the host (a synchronisation on an accelerator).
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+@pytest.fixture
+def count_reads(monkeypatch):
+    """Counts calls of every method in READS, by name, while the test runs."""
+    calls: dict[str, int] = dict.fromkeys(READS, 0)
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, __name=name, __orig=original, **k):
+            calls[__name] += 1
+            return __orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return calls
+
+
 @pytest.fixture
 def tmp_store(tmp_path):
     return tmp_path / "run.db"

@@ -9,25 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import READS
 from torch import nn
 
 import gradguard
-
-READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
-
-
-@pytest.fixture
-def count_reads(monkeypatch):
-    calls: dict[str, int] = {name: 0 for name in READS}
-    for name in READS:
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *a, __name=name, __orig=original, **k):
-            calls[__name] += 1
-            return __orig(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-    return calls
 
 
 def _model():
