@@ -214,19 +214,3 @@ def _device_chunk(ts: list[torch.Tensor]) -> torch.Tensor:
     unit = torch.stack(torch._foreach_norm(scaled)).to(torch.float64)
     sumsq = (unit * scale) ** 2
     return torch.stack([sumsq, amax, nonfinite], dim=1)
-
-
-@torch.no_grad()
-def tensor_stats(tensors: Sequence[torch.Tensor], norm_only: bool = False) -> torch.Tensor:
-    """Statistics of tensors on one device, as float64 [n, 3] on that device.
-
-    ``norm_only``: only the sum of squares is needed (weights, updates); the other
-    columns may be left at 0, which lets the host path read each tensor once.
-    """
-    if tensors and tensors[0].device.type == "cpu":
-        if norm_only:
-            out = np.zeros((len(tensors), N_STATS), dtype=np.float64)
-            out[:, SUMSQ] = host_sumsq(tensors)
-            return torch.from_numpy(out)
-        return torch.from_numpy(host_stats(tensors))
-    return device_stats(tensors)
