@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -24,13 +25,18 @@ def test_help_and_version():
 def test_summary_of_a_store(tmp_path):
     store = tmp_path / "run.db"
     model = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(16, 16), nn.Sigmoid())], nn.Linear(16, 2))
-    with gradguard.watch(model, store=store, activations_every=0) as w:
+    with gradguard.watch(model, store=store, activations_every=2) as w:
         for _ in range(3):
             model(torch.randn(8, 16)).sum().backward()
             w.step(loss=1.0)
     result = CliRunner().invoke(main, ["summary", str(store)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "24" in result.output and "vanishing_gradient" in result.output and "3 recorded steps" in result.output
+    # activations are shown from their latest sample (step 2), not as a median over unsampled steps
+    from gradguard.report.terminal import _fmt
+
+    latest_std = w.trace.metric("act_std")[2, 0]
+    assert not np.isnan(latest_std) and _fmt(latest_std) in result.output
 
 
 @pytest.mark.parametrize(

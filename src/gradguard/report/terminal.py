@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..detect import Finding, detect
+from ..detect._common import last_measured
 from ..trace import Trace
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
@@ -41,11 +42,13 @@ def print_summary(
     )
     recent = trace.tail(last)
     nonfinite = np.nansum(trace.metric("grad_nonfinite"), axis=0) if n else np.zeros(len(trace.layers))
-    table = Table(title=f"per layer, median of the last {min(last, n)} steps")
+    table = Table(title=f"per layer: median of the last {min(last, n)} steps; activations: latest sample")
     for col in ("layer", "type", "grad norm", "grad max", "non-fin.", "weight", "upd/w", "act std", "sat.", "dead"):
         table.add_column(col, justify="left" if col in ("layer", "type") else "right", no_wrap=True)
-    cols = {m: _median(recent.metric(m)) for m in
-            ("grad_norm", "grad_absmax", "weight_norm", "update_ratio", "act_std", "act_saturated", "act_dead")}
+    cols = {m: _median(recent.metric(m)) for m in ("grad_norm", "grad_absmax", "weight_norm", "update_ratio")}
+    # Activations are sampled every N steps: show the latest sample, not a median of gaps.
+    for m in ("act_std", "act_saturated", "act_dead"):
+        cols[m] = last_measured(trace.metric(m), trace.steps)[0] if n else np.full(len(trace.layers), np.nan)
     types = [str(x.get("type", "")) for x in run.get("layers", [])] or [""] * len(trace.layers)
     for j, name in enumerate(trace.layers):
         table.add_row(
