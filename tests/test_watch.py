@@ -343,3 +343,19 @@ def test_sparse_embedding_gradient(strategy):
     dense = model[0].weight.grad.to_dense().double()
     assert rel(w.trace.metric("grad_norm")[0, 0], float(dense.norm())) < 1e-6
     assert rel(w.trace.metric("grad_absmax")[0, 0], float(dense.abs().max())) < 1e-6
+
+
+def test_a_skipped_optimizer_step_does_not_misplace_update_norms():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradguard.watch(model, optimizer=opt, weights_every=2, activations_every=0) as w:
+        for step in range(4):
+            opt.zero_grad()
+            model(torch.randn(4, 8)).sum().backward()
+            w.step()
+            if step != 0:  # step 0 (a weight step) never reaches the optimizer, as under a GradScaler skip
+                opt.step()
+    upd = w.trace.metric("update_norm")
+    assert np.isnan(upd[0]).all()  # no optimizer step happened at step 0
+    assert np.isnan(upd[1]).all() and np.isnan(upd[3]).all()  # not weight steps
+    assert (upd[2] > 0).all()  # the weight step whose optimizer step did happen

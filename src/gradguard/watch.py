@@ -224,10 +224,12 @@ class Watch:
         row = self._ring[slot]
         row.copy_(self._nan_rows)
         row[_G : _G + 3] = self._grads.measure(*self._inverse_scales())
-        if self.weights_every and step % self.weights_every == 0:
+        weight_step = bool(self.weights_every) and step % self.weights_every == 0
+        # Marks "snapshot the parameters in the optimizer's pre-hook" for this step only: if the
+        # optimizer step never comes (a GradScaler skipped it), the mark must not carry over.
+        self._before = [] if weight_step and self.optimizer is not None else None
+        if weight_step:
             row[_W] = self._grads.measure_weights()
-            if self.optimizer is not None:
-                self._before = []  # marks: snapshot parameters in the optimizer's pre-hook
         if self._acts is not None and self._acts.attached:
             row[_A : _A + N_ACT] = self._acts.collect()
             self._acts.detach()
