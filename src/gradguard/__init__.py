@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import theory
 from .detect import Finding, Fix, Thresholds, detect
 from .record import StoreError, load, load_findings
 from .remedy import (
@@ -57,5 +58,6 @@ __all__ = [
     "detect",
     "load",
     "load_findings",
+    "theory",
     "watch",
 ]
