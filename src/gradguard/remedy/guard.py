@@ -119,12 +119,13 @@ class NonFiniteGuard:
         bad = torch.zeros(len(self.params), dtype=torch.bool, device=device)
         with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
         if with_grad:
-            grads = [self.params[i].grad for i in with_grad]
-            norms: list[torch.Tensor] = []
-            for dev_grads in _by_device(grads).values():  # type: ignore[arg-type]
-                norms.extend(torch._foreach_norm(dev_grads))
+            grads: list[torch.Tensor] = [self.params[i].grad for i in with_grad]  # type: ignore[misc]
+            norms: list[torch.Tensor] = [grads[0]] * len(grads)  # filled in parameter order below
+            for idx in _by_device_indices(grads).values():  # one fused call per device
+                for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx])):
+                    norms[i] = n.to(device)
             # A norm is non-finite exactly when an element is NaN/inf (or the sum overflows).
-            finite = torch.isfinite(torch.stack([n.to(device) for n in _reorder(norms, grads)]))
+            finite = torch.isfinite(torch.stack(norms))
             bad[torch.tensor(with_grad, device=device)] = ~finite
         if loss is None:
             loss_ok = torch.ones((), dtype=torch.bool, device=device)
@@ -259,22 +260,6 @@ class NonFiniteGuard:
     def skipped(self) -> int:
         """How many steps were skipped."""
         return sum(e.kind == "step_skipped" for e in self.events)
-
-
-def _by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
-    out: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
-        out.setdefault(t.device, []).append(t)
-    return out
-
-
-def _reorder(norms: list[torch.Tensor], grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    # _by_device groups by device; put the norms back in parameter order.
-    order = [i for dev_idx in _by_device_indices(grads).values() for i in dev_idx]
-    out: list[torch.Tensor] = [norms[0]] * len(norms)
-    for pos, i in enumerate(order):
-        out[i] = norms[pos]
-    return out
 
 
 def _by_device_indices(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
