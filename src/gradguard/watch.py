@@ -127,9 +127,7 @@ class Watch:
         self._ring_loss = torch.full((self.flush_every,), math.nan, dtype=torch.float64, device=self.device)
         self._ring_steps: list[int] = []
         self._ring_given: list[bool] = []
-        self._nan_rows = torch.full((_N, L), math.nan, dtype=torch.float64, device=self.device)
         self._calls = 0  # training steps seen (w.step() calls / optimizer steps), recorded or not
-        self._last_slot = -1
         self._awaiting_optimizer = False
         self._pending_loss: Any = None
         self._before: list[torch.Tensor] | None = None
@@ -197,7 +195,7 @@ class Watch:
             return
         diff = [p.to(b.dtype) - b for p, b in zip(self.index.params, self._before)]
         upd = self._grads.measure_norms(diff)
-        row = self._ring[self._last_slot]
+        row = self._ring[len(self._ring_steps) - 1]  # the row of the step just recorded
         row[_W + 1] = upd
         row[_W + 2] = upd / row[_W]
         self._before = None
@@ -222,7 +220,7 @@ class Watch:
             self.flush()
         slot = len(self._ring_steps)
         row = self._ring[slot]
-        row.copy_(self._nan_rows)
+        row.fill_(math.nan)
         row[_G : _G + 3] = self._grads.measure(*self._inverse_scales())
         weight_step = bool(self.weights_every) and step % self.weights_every == 0
         # Marks "snapshot the parameters in the optimizer's pre-hook" for this step only: if the
@@ -241,7 +239,6 @@ class Watch:
             self._ring_loss[slot] = float(loss) if given else math.nan
         self._ring_steps.append(step)
         self._ring_given.append(given)
-        self._last_slot = slot
 
     def _inverse_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """AMP: (factor for gradients measured in backward, factor for those measured now)."""
