@@ -6,15 +6,27 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SEVERITIES = ("info", "warning", "error")
-KINDS = ("vanishing_gradient", "exploding_gradient", "nonfinite", "saturated_activation", "dead_units")
+KINDS = (
+    "vanishing_gradient",
+    "exploding_gradient",
+    "nonfinite",
+    "saturated_activation",
+    "dead_units",
+    "bad_init_scale",
+    "unnormalized_input",
+    "learning_rate_too_high",
+    "vanishing_through_time",
+    "exploding_through_time",
+)
 
 
 @dataclass(frozen=True)
 class Fix:
-    """A concrete remedy: a one-line title and the code that applies it."""
+    """A concrete remedy: a one-line title, the code that applies it, and a stable name."""
 
     title: str
     code: str
+    name: str = ""
 
 
 @dataclass(frozen=True)
