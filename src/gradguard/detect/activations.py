@@ -7,7 +7,7 @@ import numpy as np
 from ..trace import Trace
 from ._common import last_measured
 from .finding import Finding, Fix
-from .fixes import BATCHNORM, BIAS_RESET, LEAKY, NORMALISE_INPUT, RELU_HE, XAVIER
+from .fixes import BATCHNORM, BIAS_RESET, HE_INIT, LEAKY, NORMALISE_INPUT, RELU_HE, XAVIER
 from .thresholds import Thresholds
 
 
@@ -46,5 +46,5 @@ def dead_units(trace: Trace, th: Thresholds) -> list[Finding]:
     return _per_layer(
         trace, "act_dead", th.dead_warning, th.dead_error, "dead_units",
         "{frac} of the units of {name} are dead: inactive for every sample of the last sampled batches",
-        (BIAS_RESET, LEAKY, RELU_HE),
+        (BIAS_RESET, LEAKY, HE_INIT),
     )
