@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from . import theory
 from .detect import Finding, Fix, Thresholds, detect
+from .diagnosis import Diagnosis, diagnose
 from .record import StoreError, load, load_findings
 from .remedy import (
     AutoClip,
@@ -30,6 +31,8 @@ from .trace import METRICS, Trace
 from .watch import Watch, watch
 
 __all__ = [
+    "Diagnosis",
+    "diagnose",
     "METRICS",
     "AutoClip",
     "ClipResult",

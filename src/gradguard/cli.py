@@ -50,5 +50,70 @@ def demo(depth: int, activation: str, steps: int, store: Path | None, seed: int)
     run_demo(depth=depth, activation=activation, steps=steps, store=store, seed=seed)
 
 
+@main.command()
+@click.argument("target")
+@click.option("--data", default=None, metavar="NAME|FILE.npz",
+              help="digits, diabetes, breast_cancer, random, or an .npz with x/y (when TARGET returns a model). "
+                   "[default: digits]")
+@click.option("--loss", type=click.Choice(["ce", "mse", "bce"]), default=None,
+              help="Loss when TARGET returns a model. [default: by data set]")
+@click.option("--batch", "batch_size", default=128, show_default=True, help="Batch size.")
+@click.option("--steps", default=50, show_default=True, help="Steps of the short training run (0: initialisation only).")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None,
+              help="Optimizer of the short run when TARGET gives none. [default: sgd, momentum 0.9]")
+@click.option("--lr", type=float, default=None, help="Learning rate. [default: 0.01 for sgd, 0.001 for adam]")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--no-hessian", is_flag=True, help="Skip the largest Hessian eigenvalue (saves ~40 backward passes).")
+@click.option("--try-fixes", is_flag=True, help="Apply each proposed fix to a copy of the model and measure it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the diagnosis as JSON on stdout, and nothing else.")
+@click.option("--html", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write an HTML report.")
+def diagnose(target: str, data: str | None, loss: str | None, batch_size: int, steps: int, optimizer: str | None,
+             lr: float | None, seed: int, no_hessian: bool, try_fixes: bool, as_json: bool, html: Path | None) -> None:
+    """Diagnose gradient flow in the model TARGET returns, and say what to change.
+
+    TARGET is path/to/file.py:callable or package.module:callable. The callable takes no
+    arguments and returns an nn.Module (data and loss then come from --data and --loss) or
+    a tuple (model, (inputs, targets), loss_fn[, optimizer]). TARGET files are executed as
+    Python code: only diagnose files you trust.
+
+    Exit status: 0 when no finding is an error, 1 when one is, 2 for usage errors.
+    """
+    import sys
+
+    import torch
+
+    from .diagnosis.target import TargetError, resolve
+
+    if steps < 0:
+        raise click.BadParameter("must be at least 0", param_hint="--steps")
+    torch.set_flush_denormal(True)  # vanished gradients are subnormal numbers: keep the CPU fast
+    try:
+        setup = resolve(target, data=data, loss=loss, batch_size=batch_size, optimizer=optimizer, lr=lr, seed=seed)
+    except TargetError as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(2)
+    from .diagnosis import diagnose as run
+
+    chosen = setup.optimizer if setup.optimizer is not None else setup.optimizer_name
+    try:
+        result = run(setup.model, setup.batch, setup.loss_fn, steps=steps, optimizer=chosen, lr=setup.lr,
+                     hessian=not no_hessian, seed=seed, progress=not as_json)
+    except (TypeError, ValueError) as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(2)
+    if try_fixes:
+        result.try_fixes(progress=not as_json)
+    if html is not None:
+        result.to_html(html)
+    if as_json:
+        click.echo(result.to_json())
+    else:
+        click.echo(f"{setup.description}\n")
+        click.echo(str(result))
+        if html is not None:
+            click.echo(f"\nreport written to {html}")
+    sys.exit(1 if result.errors else 0)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
