@@ -70,3 +70,86 @@ def tmp_store(tmp_path):
 
 
 np.seterr(all="ignore")
+
+
+# Browser fixtures for the HTML reports: Debian's chromium, driven by the playwright package
+# (playwright's own browser download is not used). CI installs both, so a missing one fails.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+BROWSER_INSTALL = (
+    "install the browser with `apt-get install -y chromium` (as root) and playwright with "
+    "`pip install -e '.[test]'`; `.ci/run` does both"
+)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless chromium for the whole session, closed at the end.
+
+    While it is alive the playwright event loop is marked as running in this thread, so
+    ``asyncio.run()`` cannot be called from tests that run after a browser test.
+    """
+    import shutil
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(f"the browser tests need the playwright package: {BROWSER_INSTALL}", pytrace=False)
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.fail(f"the browser tests need `chromium` on PATH: {BROWSER_INSTALL}", pytrace=False)
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def open_page(browser):
+    """``open_page(path, setup=None) -> (page, errors)``: a local file opened in its own browser context.
+
+    ``errors`` collects console errors, uncaught page errors, dialogs (dismissed) and requests
+    that leave the file (aborted: a report must be self-contained). ``setup(page)`` runs before
+    the page loads, to add listeners or routes of a test's own. Pages close at teardown.
+    """
+    from pathlib import Path
+
+    pages = []
+
+    def on_console(errors, msg):
+        if msg.type == "error":
+            errors.append(f"console: {msg.text}")
+
+    def on_dialog(errors, dialog):
+        errors.append(f"dialog {dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    def on_route(errors, route):
+        url = route.request.url
+        if url.startswith(("file:", "data:")):
+            route.continue_()
+        else:
+            errors.append(f"external request: {url}")
+            route.abort()
+
+    def _open(path, setup=None):
+        page = browser.new_page()
+        pages.append(page)
+        errors: list[str] = []
+        page.on("console", lambda msg: on_console(errors, msg))
+        page.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
+        page.on("dialog", lambda dialog: on_dialog(errors, dialog))
+        page.route("**/*", lambda route: on_route(errors, route))
+        if setup is not None:
+            setup(page)
+        page.goto(Path(path).resolve().as_uri(), wait_until="load")
+        return page, errors
+
+    yield _open
+    for page in pages:
+        page.close()
