@@ -44,10 +44,12 @@ def summary(store: Path, last: int) -> None:
 def demo(depth: int, activation: str, steps: int, store: Path | None, seed: int) -> None:
     """Watch a deep MLP learn scikit-learn's digits and say what went wrong."""
     from .demo import run_demo
+    from .numerics import flush_denormals
 
     if depth < 1 or steps < 1:
         raise click.BadParameter("--depth and --steps must be at least 1")
-    run_demo(depth=depth, activation=activation, steps=steps, store=store, seed=seed)
+    with flush_denormals():
+        run_demo(depth=depth, activation=activation, steps=steps, store=store, seed=seed)
 
 
 @main.command()
@@ -58,7 +60,8 @@ def demo(depth: int, activation: str, steps: int, store: Path | None, seed: int)
 @click.option("--loss", type=click.Choice(["ce", "mse", "bce"]), default=None,
               help="Loss when TARGET returns a model. [default: by data set]")
 @click.option("--batch", "batch_size", default=128, show_default=True, help="Batch size.")
-@click.option("--steps", default=50, show_default=True, help="Steps of the short training run (0: initialisation only).")
+@click.option("--steps", default=50, show_default=True,
+              help="Steps of the short training run (0: initialisation only).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None,
               help="Optimizer of the short run when TARGET gives none. [default: sgd, momentum 0.9]")
 @click.option("--lr", type=float, default=None, help="Learning rate. [default: 0.01 for sgd, 0.001 for adam]")
@@ -86,7 +89,6 @@ def diagnose(target: str, data: str | None, loss: str | None, batch_size: int, s
 
     if steps < 0:
         raise click.BadParameter("must be at least 0", param_hint="--steps")
-    torch.set_flush_denormal(True)  # vanished gradients are subnormal numbers: keep the CPU fast
     try:
         setup = resolve(target, data=data, loss=loss, batch_size=batch_size, optimizer=optimizer, lr=lr, seed=seed)
     except TargetError as err:
@@ -94,15 +96,18 @@ def diagnose(target: str, data: str | None, loss: str | None, batch_size: int, s
         sys.exit(2)
     from .diagnosis import diagnose as run
 
+    from .numerics import flush_denormals
+
     chosen = setup.optimizer if setup.optimizer is not None else setup.optimizer_name
-    try:
-        result = run(setup.model, setup.batch, setup.loss_fn, steps=steps, optimizer=chosen, lr=setup.lr,
-                     hessian=not no_hessian, seed=seed, progress=not as_json)
-    except (TypeError, ValueError) as err:
-        click.echo(f"Error: {err}", err=True)
-        sys.exit(2)
-    if try_fixes:
-        result.try_fixes(progress=not as_json)
+    with flush_denormals():  # vanished gradients are subnormal numbers: keep the CPU fast
+        try:
+            result = run(setup.model, setup.batch, setup.loss_fn, steps=steps, optimizer=chosen, lr=setup.lr,
+                         hessian=not no_hessian, seed=seed, progress=not as_json)
+        except (TypeError, ValueError) as err:
+            click.echo(f"Error: {err}", err=True)
+            sys.exit(2)
+        if try_fixes:
+            result.try_fixes(progress=not as_json)
     if html is not None:
         result.to_html(html)
     if as_json:

@@ -71,10 +71,13 @@ def train(
 
 def run_demo(depth: int = 20, activation: str = "sigmoid", steps: int = 150, store: Path | None = None,
              seed: int = 0) -> None:
-    """Train, print the summary and findings, and measure the first proposed fix."""
+    """Train, print the summary and findings, and measure the first proposed fix.
+
+    Run it inside :func:`gradguard.numerics.flush_denormals` (the command does): vanished
+    signals are subnormal numbers, slow on a CPU.
+    """
     console = Console()
     torch.manual_seed(seed)
-    torch.set_flush_denormal(True)  # vanished signals are subnormal; keep the CPU fast
     data = load_digits_tensors(seed)
     console.rule(f"[bold]{depth}-layer {activation} MLP on digits, default init, {steps} SGD steps")
     acc, w = train(mlp(depth, activation), data, steps, seed, store)

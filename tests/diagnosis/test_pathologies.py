@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -245,3 +246,34 @@ def test_healthy_pre_ln_transformer_has_no_error():
     assert d.errors == []
     assert d.inputs is None  # token ids have no scale to judge
     assert d.final_loss() < d.losses[0]
+
+
+def test_try_fixes_ranks_a_real_fix_above_doing_nothing(digits):
+    d = gradguard.diagnose(mlp([64] + [64] * 30 + [10], nn.ReLU, "xavier"), digits, F.cross_entropy, steps=30)
+    results = d.try_fixes()
+    names = [r.name for r in results if r.applied]
+    none = next(r for r in results if r.name == "none")
+    assert none.loss_after == pytest.approx(d.final_loss())
+    assert none.ratio_after == pytest.approx(d.gradient_ratio())
+    structural = [r for r in results if r.name in ("he_init", "batchnorm", "residual")]
+    assert {r.name for r in structural} == {"he_init", "batchnorm", "residual"}  # all proposed, all measured
+    best = names.index(structural[0].name) if structural else len(names)
+    assert best < names.index("none")
+    for r in structural:
+        assert r.ratio_after > 100 * r.ratio_before  # each of them restores the flow at initialisation
+    he = next(r for r in results if r.name == "he_init")
+    assert he.loss_after < none.loss_after and he.errors_after == 0
+    # the table shows the measured numbers, before and after
+    text = str(d)
+    assert "fixes tried" in text and f"{he.ratio_after:.2e}" in text and f"{none.loss_after:.4g}" in text
+    assert json.loads(d.to_json())["fixes_tried"][0]["name"] == results[0].name
+
+
+def test_try_fixes_rejects_unknown_names_and_reports_inapplicable_ones(digits):
+    d = gradguard.diagnose(mlp([64, 32, 10], nn.ReLU, "he"), digits, F.cross_entropy, steps=3, hessian=False)
+    with pytest.raises(ValueError, match="unknown fix"):
+        d.try_fixes(["more_layers"])
+    results = d.try_fixes(["gated_rnn", "lower_lr"])
+    gated = next(r for r in results if r.name == "gated_rnn")
+    assert not gated.applied and "no vanilla nn.RNN" in gated.note
+    assert next(r for r in results if r.name == "lower_lr").applied

@@ -97,7 +97,7 @@ class OptimizerSpec:
         else:  # a fix changed the parameters (new layers): one group with the first group's settings
             hyper = {k: v for k, v in self.groups[0].items() if k != "indices"}
             groups = [{**hyper, "params": [p for p in params if p.requires_grad]}]
-        return self.cls(groups)
+        return self.cls(groups)  # type: ignore[call-arg]  # every hyperparameter is in the groups
 
     def with_lr(self, factor: float) -> OptimizerSpec:
         """The same optimizer with every group's learning rate multiplied by ``factor``."""
@@ -167,9 +167,10 @@ class Diagnosis:
         return [f for f in self.findings if f.kind == kind]
 
     def gradient_ratio(self) -> float:
-        """RMS of dL/dy at the first layer that ran over the last one, at initialisation."""
-        order = [i for i in self.profile.order if np.isfinite(self.profile.grad_ms[i])]
-        if len(order) < 2 or not self.profile.grad_ms[order[-1]] > 0:
+        """RMS of dL/dy at the first layer that ran over the last, at initialisation (layers at exactly 0 skipped)."""
+        g = self.profile.grad_ms
+        order = [i for i in self.profile.order if np.isfinite(g[i]) and g[i] > 0]  # as the flow rule reads it
+        if len(order) < 2:
             return math.nan
         return float(math.sqrt(self.profile.grad_ms[order[0]] / self.profile.grad_ms[order[-1]]))
 
@@ -425,7 +426,7 @@ def _diagnose(
     with stages.stage(f"short run: {steps} steps of {spec.description}", total=max(steps, 1)) as advance, \
             Watch(work, optimizer=optimizer, every=1, weights_every=1, activations_every=1,
                   flush_every=min(max(steps, 1), 256), thresholds=th) as w:
-        for step in range(max(steps, 1)):
+        for _ in range(max(steps, 1)):
             optimizer.zero_grad(set_to_none=True)
             loss = _loss_of(work, x, y, loss_fn)
             loss.backward()

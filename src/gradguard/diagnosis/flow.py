@@ -24,7 +24,7 @@ _DERIVATIVE_BOUND = {"Sigmoid": 0.25, "Tanh": 1.0, "Hardsigmoid": 1 / 6, "Softsi
 
 def _cause(profile: Profile, between: list[int], prediction: Prediction | None) -> str:
     """One sentence on why the gradient changes between two layers."""
-    acts = Counter(profile.activation[i] for i in between if profile.activation[i])
+    acts = Counter(a for a in (profile.activation[i] for i in between) if a)
     parts = []
     if acts:
         name, count = acts.most_common(1)[0]
@@ -45,7 +45,9 @@ def _cause(profile: Profile, between: list[int], prediction: Prediction | None) 
 
 def flow_findings(profile: Profile, th: Thresholds, prediction: Prediction | None = None) -> list[Finding]:
     """vanishing_gradient / exploding_gradient from the back-propagated gradient's RMS across depth."""
-    order = [i for i in profile.order if np.isfinite(profile.grad_ms[i])]
+    # An exactly zero gradient is structural (a zero-initialised gate such as SkipInit's alpha, units that are all
+    # inactive), not a product of shrinking factors: dead_units and the short run speak to it.
+    order = [i for i in profile.order if np.isfinite(profile.grad_ms[i]) and profile.grad_ms[i] > 0]
     if len(order) < 2:
         return []
     rms = np.sqrt(profile.grad_ms[order])

@@ -103,7 +103,7 @@ def predict(index: LayerIndex, profile: Profile) -> Prediction | None:
     if found is None:
         return None
     run, act = found
-    linears = [index.modules[i] for i in run]
+    linears = [m for m in (index.modules[i] for i in run) if isinstance(m, nn.Linear)]
     w2 = [float(torch.mean(m.weight.detach().to(torch.float64) ** 2)) * m.in_features for m in linears]
     b2 = [
         float(torch.mean(m.bias.detach().to(torch.float64) ** 2)) if m.bias is not None else 0.0

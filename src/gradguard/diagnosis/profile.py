@@ -143,11 +143,11 @@ def measure_profile(
         if i is None:
             # An activation module right after a layer (and before the next one) is that layer's activation.
             last = state["last"]
-            if isinstance(module, _ACTIVATIONS) and last is not None and activation[last] is None:
-                if first_tensor(args) is state["expect"]:
-                    activation[last] = type(module).__name__
-                    act_modules[last] = module
-                    state["expect"] = out
+            ran_after = last is not None and activation[last] is None and first_tensor(args) is state["expect"]
+            if isinstance(module, _ACTIVATIONS) and ran_after:
+                activation[last] = type(module).__name__
+                act_modules[last] = module
+                state["expect"] = out
             return
         if calls[i] == 0:
             order.append(i)

@@ -17,7 +17,7 @@ def _g(x: float | None) -> str:
 
 
 def render_text(d: Diagnosis) -> str:
-    """The whole diagnosis as text: settings, findings with their fixes, theory, curvature, time, inputs, fixes tried."""
+    """The whole diagnosis as text: findings with their fixes, then theory, curvature, time, inputs, fixes tried."""
     s = d.settings
     out = [
         f"gradguard diagnosis of {s.get('model', 'the model')}: {s['layers']} layers, {s['parameters']:,} parameters; "
