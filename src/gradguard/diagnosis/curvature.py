@@ -258,7 +258,7 @@ def _divergence(losses: np.ndarray, ratio: float, tail: int) -> _Divergence | No
         return _Divergence(initial, float(loss[-1]), int(bad[0]), int(loss.size))
     final = float(np.median(loss[-tail:]))
     # Growth measured against |initial| so that negative losses (log-likelihoods) are judged sensibly.
-    if final - initial > (ratio - 1) * abs(initial) and final > initial:
+    if final - initial > (ratio - 1) * abs(initial):
         return _Divergence(initial, final, None, int(loss.size))
     return None
 
@@ -311,8 +311,8 @@ def learning_rate_findings(
                 f"gradient descent {verb} along the sharpest direction; use lr below {rule.lr_formula} = {max_lr:.3g}"
             )
             evidence.update(
-                lambda_max=lam, momentum=rule.momentum, limit=limit, limit_rule=rule.description,
-                max_stable_lr=max_lr, iterations=int(curvature.iterations), converged=bool(curvature.converged),
+                lambda_max=lam, momentum=rule.momentum, weight_decay=rule.weight_decay, limit=limit,
+                limit_rule=rule.description, max_stable_lr=max_lr, iterations=int(curvature.iterations), converged=bool(curvature.converged),
             )
 
     run = _divergence(losses, divergence_ratio, tail)
