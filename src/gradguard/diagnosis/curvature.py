@@ -312,7 +312,8 @@ def learning_rate_findings(
             )
             evidence.update(
                 lambda_max=lam, momentum=rule.momentum, weight_decay=rule.weight_decay, limit=limit,
-                limit_rule=rule.description, max_stable_lr=max_lr, iterations=int(curvature.iterations), converged=bool(curvature.converged),
+                limit_rule=rule.description, max_stable_lr=max_lr, iterations=int(curvature.iterations),
+                converged=bool(curvature.converged),
             )
 
     run = _divergence(losses, divergence_ratio, tail)
