@@ -60,7 +60,7 @@ def demo(depth: int, activation: str, steps: int, store: Path | None, seed: int)
 @click.option("--loss", type=click.Choice(["ce", "mse", "bce"]), default=None,
               help="Loss when TARGET returns a model. [default: by data set]")
 @click.option("--batch", "batch_size", default=128, show_default=True, help="Batch size.")
-@click.option("--steps", default=50, show_default=True,
+@click.option("--steps", default=30, show_default=True,
               help="Steps of the short training run (0: initialisation only).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default=None,
               help="Optimizer of the short run when TARGET gives none. [default: sgd, momentum 0.9]")
@@ -83,8 +83,6 @@ def diagnose(target: str, data: str | None, loss: str | None, batch_size: int, s
     """
     import sys
 
-    import torch
-
     from .diagnosis.target import TargetError, resolve
 
     if steps < 0:
@@ -95,7 +93,6 @@ def diagnose(target: str, data: str | None, loss: str | None, batch_size: int, s
         click.echo(f"Error: {err}", err=True)
         sys.exit(2)
     from .diagnosis import diagnose as run
-
     from .numerics import flush_denormals
 
     chosen = setup.optimizer if setup.optimizer is not None else setup.optimizer_name

@@ -64,6 +64,7 @@ def test_relu_with_xavier_init_vanishes_and_he_init_fixes_it(digits):
     d = gradguard.diagnose(mlp(widths, nn.ReLU, "xavier"), digits, F.cross_entropy, steps=10)
     assert kinds_at(d)["vanishing_gradient"] == ["0"]
     assert "bad_init_scale" in d.kinds  # the cause: variance x fan_in 1 where ReLU needs 2
+    assert len(d.by_kind("dead_units")) <= 1  # per-layer findings of a kind come as one, every layer in its evidence
     audit = d.by_kind("bad_init_scale")[0]
     assert audit.evidence["per_layer_ratio"] == pytest.approx(0.5, rel=0.15)
     # mean-field theory for ReLU at sigma_w^2 = 1: chi_1 = 1/2 per layer, beside the measurement

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .diagnose import Diagnosis, diagnose
+from .run import Diagnosis, diagnose
 from .whatif import FIXES, FixResult
 
 __all__ = ["FIXES", "Diagnosis", "FixResult", "diagnose"]

@@ -43,11 +43,28 @@ def _cause(profile: Profile, between: list[int], prediction: Prediction | None) 
     return "; ".join(parts)
 
 
+def flowing(profile: Profile, vanishing_error: float = Thresholds.vanishing_error) -> list[int]:
+    """The layers whose gradient the depth rules compare, in execution order.
+
+    An exactly zero gradient is usually structural: a block behind a zero-initialised gate
+    (SkipInit's alpha) or units that are all inactive (the dead_units rule names them); such
+    layers are left out. The exception is underflow: when the gradients that are not zero
+    already fall below ``vanishing_error`` of the largest, zeros at the input end mean the
+    gradient vanished past the floating-point range, and they are kept.
+    """
+    g = profile.grad_ms
+    measured = [i for i in profile.order if np.isfinite(g[i])]
+    positive = [g[i] for i in measured if g[i] > 0]
+    if not positive:
+        return measured
+    underflow = min(positive) / max(positive) < vanishing_error**2  # mean squares: the ratio of RMS squared
+    first = next(k for k, i in enumerate(measured) if g[i] > 0)
+    return [i for k, i in enumerate(measured) if g[i] > 0 or (underflow and k < first)]
+
+
 def flow_findings(profile: Profile, th: Thresholds, prediction: Prediction | None = None) -> list[Finding]:
     """vanishing_gradient / exploding_gradient from the back-propagated gradient's RMS across depth."""
-    # An exactly zero gradient is structural (a zero-initialised gate such as SkipInit's alpha, units that are all
-    # inactive), not a product of shrinking factors: dead_units and the short run speak to it.
-    order = [i for i in profile.order if np.isfinite(profile.grad_ms[i]) and profile.grad_ms[i] > 0]
+    order = flowing(profile, th.vanishing_error)
     if len(order) < 2:
         return []
     rms = np.sqrt(profile.grad_ms[order])
@@ -61,6 +78,10 @@ def flow_findings(profile: Profile, th: Thresholds, prediction: Prediction | Non
             worst = int(low[np.argmin(ratio[low])])
             name, ref = profile.names[order[worst]], profile.names[order[best]]
             cause = _cause(profile, order[min(worst, best):max(worst, best) + 1], prediction)
+            if ratio[worst] == 0:
+                zero = ("it is exactly zero: it fell below the floating-point range on the way down, or every path "
+                        "back is blocked by units that are all inactive")
+                cause = f"{zero}; {cause}" if cause else zero
             found.append(Finding(
                 kind="vanishing_gradient",
                 severity="error" if ratio[worst] < th.vanishing_error else "warning",
@@ -84,7 +105,7 @@ def flow_findings(profile: Profile, th: Thresholds, prediction: Prediction | Non
                 fixes=_vanishing_fixes(profile, order),
             ))
     last = len(order) - 1
-    if rms[last] > 0:
+    if len(order) >= 2 and rms[last] > 0:
         ratio = rms / rms[last]
         high = np.flatnonzero(ratio > th.exploding_warning)
         if len(high):

@@ -11,7 +11,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .diagnose import Diagnosis
+    from .run import Diagnosis
 
 
 def _profile_figure(d: Diagnosis) -> Figure:

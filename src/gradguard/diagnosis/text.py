@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .diagnose import Diagnosis
+    from .run import Diagnosis
 
 
 def _g(x: float | None) -> str:

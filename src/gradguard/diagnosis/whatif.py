@@ -15,7 +15,7 @@ from ..remedy.architecture import insert_normalization, prepend_standardizer, re
 from ..remedy.init import init_
 
 if TYPE_CHECKING:
-    from .diagnose import Diagnosis, OptimizerSpec
+    from .run import Diagnosis, OptimizerSpec
 
 
 @dataclass
@@ -74,7 +74,7 @@ def _lower_lr(c: Change, d: Diagnosis) -> Change:
 
 
 def _adam(c: Change, d: Diagnosis) -> Change:
-    from .diagnose import OptimizerSpec
+    from .run import OptimizerSpec
 
     if c.spec.cls is torch.optim.Adam:
         raise ValueError("the run already uses Adam")
@@ -194,7 +194,7 @@ def _titles(d: Diagnosis) -> dict[str, str]:
 
 def try_fixes(d: Diagnosis, fixes: list[str] | None, *, steps: int | None, progress: bool) -> list[FixResult]:
     """Measure each fix on a copy of the model; ranked by the loss reached, doing nothing included."""
-    from .diagnose import Progress, _diagnose
+    from .run import Progress, _diagnose
 
     if not d._context:
         raise RuntimeError("this Diagnosis was not made by gradguard.diagnose(); there is no model to try fixes on")

@@ -26,7 +26,7 @@ from ..remedy.guard import localize
 from ..trace import Trace
 from ..watch import Watch
 from .curvature import Curvature, hessian_top_eigenvalue, learning_rate_findings, stability_limit
-from .flow import flow_findings
+from .flow import flow_findings, flowing
 from .init_audit import LayerInit, audit, init_findings
 from .inputs import InputStats, first_layer_grad_ratio, input_findings, input_stats
 from .prediction import Prediction, predict
@@ -167,10 +167,10 @@ class Diagnosis:
         return [f for f in self.findings if f.kind == kind]
 
     def gradient_ratio(self) -> float:
-        """RMS of dL/dy at the first layer that ran over the last, at initialisation (layers at exactly 0 skipped)."""
+        """RMS of dL/dy at the first layer over the last, at initialisation (as the depth rules read the layers)."""
         g = self.profile.grad_ms
-        order = [i for i in self.profile.order if np.isfinite(g[i]) and g[i] > 0]  # as the flow rule reads it
-        if len(order) < 2:
+        order = flowing(self.profile)  # as the depth rules read it
+        if len(order) < 2 or not g[order[-1]] > 0:
             return math.nan
         return float(math.sqrt(self.profile.grad_ms[order[0]] / self.profile.grad_ms[order[-1]]))
 
@@ -291,8 +291,31 @@ def _loss_of(model: nn.Module, x: Any, y: Any, loss_fn: LossFn) -> torch.Tensor:
     return loss.reshape(())
 
 
+_PER_LAYER = {"dead_units": "act_dead", "saturated_activation": "act_saturated"}
+
+
+def _collapse(findings: list[Finding], kind: str) -> list[Finding]:
+    """Per-layer findings of one kind as one: the worst layer named, every affected layer in the evidence."""
+    mine = [f for f in findings if f.kind == kind]
+    if len(mine) <= 1:
+        return findings
+    metric = _PER_LAYER[kind]
+    worst = max(mine, key=lambda f: (_RANK[f.severity], f.evidence.get(metric, 0.0)))
+    others = [f.layer for f in mine if f is not worst]
+    shown = ", ".join(str(n) for n in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    merged = Finding(
+        kind=kind, severity=worst.severity, layer=worst.layer, step=worst.step,
+        message=f"{worst.message}; {len(others)} other layer(s) too: {shown}",
+        evidence={**worst.evidence, "affected": {str(f.layer): f.evidence.get(metric) for f in mine}},
+        fixes=worst.fixes,
+    )
+    return [f for f in findings if f.kind != kind] + [merged]
+
+
 def _merge(findings: list[Finding]) -> list[Finding]:
     """One finding per (kind, layer) and one per depth-wide kind, the most severe; ranked worst first."""
+    for kind in _PER_LAYER:
+        findings = _collapse(findings, kind)
     kept: dict[tuple[str, str | None], Finding] = {}
     for f in findings:
         key = (f.kind, "*") if f.kind in ("vanishing_gradient", "exploding_gradient") and f.layer else (f.kind, f.layer)
@@ -330,7 +353,7 @@ def diagnose(
     batch: tuple[Any, Any],
     loss_fn: LossFn,
     *,
-    steps: int = 50,
+    steps: int = 30,
     optimizer: torch.optim.Optimizer | str | None = None,
     lr: float | None = None,
     thresholds: Thresholds | None = None,
@@ -423,8 +446,11 @@ def _diagnose(
         found += through_time_findings(profiles, th)
 
     losses: list[float] = []
+    # Weights and activations every step for short runs; for longer ones every tenth of the run, which still gives
+    # the dead-unit rule its window of sampled batches and costs a fraction of measuring them every step.
+    sample = max(1, steps // 10)
     with stages.stage(f"short run: {steps} steps of {spec.description}", total=max(steps, 1)) as advance, \
-            Watch(work, optimizer=optimizer, every=1, weights_every=1, activations_every=1,
+            Watch(work, optimizer=optimizer, every=1, weights_every=sample, activations_every=sample,
                   flush_every=min(max(steps, 1), 256), thresholds=th) as w:
         for _ in range(max(steps, 1)):
             optimizer.zero_grad(set_to_none=True)
