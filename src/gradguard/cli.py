@@ -117,5 +117,104 @@ def diagnose(target: str, data: str | None, loss: str | None, batch_size: int, s
     sys.exit(1 if result.errors else 0)
 
 
+def _lab_options(f):  # noqa: ANN001, ANN202  (click decorators)
+    """The options `gradguard lab` and `gradguard lab run` share."""
+    f = click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout, and nothing else.")(f)
+    f = click.option("--cases", "user", multiple=True, metavar="FILE.py|MODULE",
+                     help="Also load the cases a Python file or module registers (repeatable). Files are executed.")(f)
+    f = click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("lab-report"),
+                     show_default=True, help="Folder for index.html, results.json and the plots.")(f)
+    f = click.option("--seed", default=0, show_default=True, help="Seed of every case: same seed, same numbers.")(f)
+    f = click.option("--jobs", default=None, type=click.IntRange(min=1),
+                     help="Cases run in parallel processes. [default: the CPU count, at most 4]")(f)
+    return click.option("--full", is_flag=True, help="Larger versions with more seeds (slower).")(f)
+
+
+@main.group(invoke_without_command=True)
+@_lab_options
+@click.pass_context
+def lab(ctx: click.Context, full: bool, jobs: int | None, seed: int, out: Path, user: tuple[str, ...],
+        as_json: bool) -> None:
+    """Reproduce the case studies of vanishing and exploding gradients, checked against their sources.
+
+    Without a subcommand, runs the default suite and writes OUT/index.html, OUT/results.json
+    and the plots. Exit status 1 when a case does not reproduce its source's claim.
+    """
+    if ctx.invoked_subcommand is None:
+        _run_lab([], full=full, jobs=jobs, seed=seed, out=out, user=user, as_json=as_json)
+
+
+@lab.command("list")
+@click.option("--cases", "user", multiple=True, metavar="FILE.py|MODULE", help="Also list the cases these register.")
+def lab_list(user: tuple[str, ...]) -> None:
+    """List the cases, their sources, and which are in the default suite."""
+    from .lab.runner import REGISTRY, LabError, load_builtin, load_user
+
+    load_builtin()
+    try:
+        for spec in user:
+            load_user(spec)
+    except LabError as err:
+        raise click.ClickException(str(err)) from None
+    width = max(len(n) for n in REGISTRY)
+    for c in REGISTRY.values():
+        flag = " " if c.default else "+"
+        click.echo(f"{flag} {c.name.ljust(width)}  {c.title}  [{c.source.citation}]")
+    click.echo("\n+ : only with `gradguard lab run NAME` (not in the default suite)")
+
+
+@lab.command("run")
+@click.argument("names", nargs=-1, required=True, metavar="CASE...")
+@_lab_options
+def lab_run(names: tuple[str, ...], full: bool, jobs: int | None, seed: int, out: Path, user: tuple[str, ...],
+            as_json: bool) -> None:
+    """Run the named cases (see `gradguard lab list`)."""
+    _run_lab(list(names), full=full, jobs=jobs, seed=seed, out=out, user=user, as_json=as_json)
+
+
+def _run_lab(names: list[str], *, full: bool, jobs: int | None, seed: int, out: Path, user: tuple[str, ...],
+             as_json: bool) -> None:
+    import json
+    import os
+    import sys
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .lab.runner import LabError, load_builtin, load_user, results_document, run_cases, select, write_outputs
+
+    load_builtin()
+    try:
+        for spec in user:
+            load_user(spec)
+        cases = select(names)
+    except LabError as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(2)
+    workers = jobs or min(os.cpu_count() or 1, 4)
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=as_json) as bar:
+        task = bar.add_task(f"{len(cases)} cases, {workers} at a time", total=len(cases))
+
+        def done(r):  # noqa: ANN001, ANN202
+            verdict = "[green]reproduced[/]" if r.passed else ("[red]error[/]" if r.error else "[red]not reproduced[/]")
+            if not as_json:
+                bar.console.print(f"{r.name:<34} {verdict}  {r.seconds:5.1f} s")
+            bar.advance(task)
+
+        results = run_cases(cases, seed=seed, full=full, jobs=workers, user=user, on_done=done)
+    report = write_outputs(results, out, seed=seed, full=full)
+    failed = [r for r in results if not r.passed]
+    if as_json:
+        click.echo(json.dumps(results_document(results, seed=seed, full=full), indent=2))
+    else:
+        click.echo(f"{len(results) - len(failed)} of {len(results)} cases reproduce their source's claim; "
+                   f"report: {report}")
+        for r in failed:
+            click.echo(f"  {r.name}: " + (r.error.strip().splitlines()[-1] if r.error else "not reproduced"))
+    sys.exit(1 if failed else 0)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

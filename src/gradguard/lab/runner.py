@@ -1,0 +1,247 @@
+"""Run lab cases, in worker processes when asked, and write results.json, the plots and the HTML report.
+
+Each case runs single-threaded with denormals flushed to zero (vanishing signals are
+subnormal numbers, many times slower on a CPU) and every random generator seeded, so the
+same seed gives the same numbers. ``results.json`` holds no timings: two runs with one
+seed give identical files.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .case import REGISTRY, Case, Context, Outcome
+
+BUILTIN = "gradguard.lab.cases"
+
+
+class LabError(Exception):
+    """A user mistake (unknown case, case file that does not load): the message says what and how to fix it."""
+
+
+@dataclass
+class CaseResult:
+    """One case's outcome, as the report and results.json need it (picklable: the figure is kept as PNG bytes)."""
+
+    name: str
+    title: str
+    group: str
+    question: str
+    setup: str
+    citation: str
+    claim: str
+    qualitative: bool
+    measured: dict[str, Any] = field(default_factory=dict)
+    expected: dict[str, Any] = field(default_factory=dict)
+    passed: bool = False
+    interpretation: str = ""
+    table: tuple[list[str], list[list[Any]]] | None = None
+    png: bytes | None = field(default=None, repr=False)
+    error: str | None = None
+    seconds: float = 0.0  # shown in the terminal, never written to results.json
+
+    def to_json(self) -> dict[str, Any]:
+        """The results.json entry."""
+        d = {
+            "name": self.name, "title": self.title, "group": self.group,
+            "source": self.citation, "claim": self.claim, "qualitative": self.qualitative,
+            "measured": self.measured, "expected": self.expected, "passed": self.passed,
+        }
+        if self.error is not None:
+            d["error"] = self.error.strip().splitlines()[-1]
+        return d
+
+
+# -- loading cases ----------------------------------------------------------------------------------------------------
+def load_builtin() -> None:
+    """Import every built-in case module (registers them)."""
+    import pkgutil
+
+    package = importlib.import_module(BUILTIN)
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{BUILTIN}.{info.name}")
+
+
+def load_user(spec: str) -> list[str]:
+    """Import a user's case file (``path/to/cases.py``) or module (``package.cases``); returns the cases it added."""
+    before = set(REGISTRY)
+    try:
+        if spec.endswith(".py") or os.sep in spec or "/" in spec:
+            path = Path(spec).resolve()
+            if not path.is_file():
+                raise LabError(f"case file {path} does not exist")
+            # A private namespace (a bare stem could shadow a real module); the stem becomes the cases' group.
+            name = f"gradguard_lab_user.{path.stem}"
+            if name not in sys.modules:
+                loader_spec = importlib.util.spec_from_file_location(name, path)
+                if loader_spec is None or loader_spec.loader is None:
+                    raise LabError(f"{path} is not a Python file")
+                module = importlib.util.module_from_spec(loader_spec)
+                sys.modules[name] = module
+                try:
+                    loader_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+        else:
+            importlib.import_module(spec)
+    except LabError:
+        raise
+    except Exception as err:  # the user's code: report it in one line
+        raise LabError(f"loading cases from {spec} raised {type(err).__name__}: {err}") from err
+    added = sorted(set(REGISTRY) - before)
+    return added
+
+
+def select(names: Sequence[str] | None) -> list[Case]:
+    """The cases to run: the named ones (in the order given), or the default suite in registry order."""
+    if not names:
+        return [c for c in REGISTRY.values() if c.default]
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        listing = ", ".join(REGISTRY)
+        raise LabError(f"no lab case called {', '.join(map(repr, unknown))}; the cases are: {listing}")
+    return [REGISTRY[n] for n in dict.fromkeys(names)]
+
+
+# -- running one case -------------------------------------------------------------------------------------------------
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _png(fig: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    # No metadata: the bytes depend on the figure only.
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON types: numpy scalars to Python, tuples to lists; NaN/inf rejected later by json."""
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def run_case(name: str, seed: int, full: bool, user: Sequence[str] = ()) -> CaseResult:
+    """Run one case here: single-threaded, denormals flushed, seeded. Never raises for the case's own errors."""
+    import torch
+
+    from ..numerics import flush_denormals
+
+    if name not in REGISTRY:  # a fresh worker process: load the cases again
+        load_builtin()
+        for spec in user:
+            load_user(spec)
+    c = REGISTRY[name]
+    result = CaseResult(c.name, c.title, c.group, c.question, c.setup, c.source.citation, c.source.claim,
+                        c.source.qualitative)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    try:
+        with flush_denormals():
+            _seed_everything(seed)
+            outcome = c.run(Context(seed=seed, full=full))
+        if not isinstance(outcome, Outcome):
+            raise TypeError(f"case {name!r} returned {type(outcome).__name__}, not a gradguard.lab.Outcome")
+        result.measured = _jsonable(outcome.measured)
+        result.expected = _jsonable(outcome.expected)
+        json.dumps([result.measured, result.expected], allow_nan=False)  # fail here, not when writing the report
+        result.passed = bool(outcome.passed)
+        result.interpretation = outcome.interpretation
+        result.table = _jsonable(outcome.table) if outcome.table is not None else None
+        if outcome.figure is not None:
+            result.png = _png(outcome.figure)
+    except Exception:
+        result.passed = False
+        result.error = traceback.format_exc()
+    finally:
+        torch.set_num_threads(threads)
+        result.seconds = time.perf_counter() - start
+    return result
+
+
+# -- running many -----------------------------------------------------------------------------------------------------
+def run_cases(
+    cases: Iterable[Case],
+    *,
+    seed: int = 0,
+    full: bool = False,
+    jobs: int = 1,
+    user: Sequence[str] = (),
+    on_done: Callable[[CaseResult], None] | None = None,
+) -> list[CaseResult]:
+    """Run cases, ``jobs`` at a time in worker processes (``jobs=1``: here); results in the order given."""
+    names = [c.name for c in cases]
+    done: dict[str, CaseResult] = {}
+    if jobs <= 1 or len(names) <= 1:
+        for n in names:
+            done[n] = run_case(n, seed, full, user)
+            if on_done is not None:
+                on_done(done[n])
+    else:
+        import multiprocessing as mp
+
+        # spawn, not fork: the parent may hold torch's thread pools, which do not survive a fork.
+        with ProcessPoolExecutor(max_workers=min(jobs, len(names)), mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(run_case, n, seed, full, tuple(user)): n for n in names}
+            for future in as_completed(futures):
+                n = futures[future]
+                done[n] = future.result()
+                if on_done is not None:
+                    on_done(done[n])
+    return [done[n] for n in names]
+
+
+def results_document(results: Sequence[CaseResult], *, seed: int, full: bool) -> dict[str, Any]:
+    """The content of results.json."""
+    return {
+        "seed": seed,
+        "full": full,
+        "passed": sum(r.passed for r in results),
+        "failed": sum(not r.passed for r in results),
+        "cases": [r.to_json() for r in results],
+    }
+
+
+def write_outputs(results: Sequence[CaseResult], out: Path, *, seed: int, full: bool) -> Path:
+    """Write ``out/results.json``, ``out/<case>.png`` and ``out/index.html``; returns the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    doc = results_document(results, seed=seed, full=full)
+    (out / "results.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    for r in results:
+        if r.png is not None:
+            (out / f"{r.name}.png").write_bytes(r.png)
+    from .report import write_report
+
+    return write_report(results, out / "index.html", seed=seed, full=full)
+
