@@ -9,7 +9,7 @@ def _sklearn(name: str):  # noqa: ANN202
     try:
         import sklearn.datasets as ds
     except ImportError:
-        raise ImportError("the lab uses scikit-learn's bundled data sets: pip install 'gradguard[demo]'") from None
+        raise ImportError("the lab uses scikit-learn's bundled data sets: pip install 'gradguard[lab]'") from None
     return getattr(ds, f"load_{name}")()
 
 
