@@ -34,6 +34,29 @@ def summary(store: Path, last: int) -> None:
 
 
 @main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The HTML file to write. [default: STORE's name with .report.html, next to it]")
+def report(store: Path, output: Path | None) -> None:
+    """Write a self-contained HTML post-mortem of a recorded run (STORE: a .db store or .npz trace).
+
+    Exit status 2 when STORE is missing or not a readable store or trace.
+    """
+    import sys
+
+    from .record import StoreError
+    from .report.run import write_run_report
+
+    out = output if output is not None else store.with_suffix(".report.html")
+    try:
+        written = write_run_report(store, out)
+    except (OSError, StoreError, ValueError) as err:  # OSError: a missing STORE or an unwritable output
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(2)
+    click.echo(f"report written to {written}")
+
+
+@main.command()
 @click.option("--depth", default=20, show_default=True, help="Hidden layers of the MLP.")
 @click.option(
     "--activation", type=click.Choice(["sigmoid", "tanh", "relu"]), default="sigmoid", show_default=True
