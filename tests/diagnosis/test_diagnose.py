@@ -196,3 +196,16 @@ def test_bad_arguments_are_named(batch):
         gradguard.diagnose(model, batch, F.cross_entropy, optimizer=other)
     with pytest.raises(ValueError, match="lr must be"):
         gradguard.diagnose(model, batch, F.cross_entropy, lr=-1.0)
+
+
+def test_every_fix_names_gradguard_functions_that_exist():
+    import re
+
+    from gradguard.detect import fixes
+
+    found = [v for v in vars(fixes).values() if isinstance(v, gradguard.Fix)]
+    assert len(found) >= 15
+    for fix in found:
+        assert fix.name, fix.title
+        for attr in re.findall(r"gradguard\.(\w+)", fix.code):
+            assert hasattr(gradguard, attr), f"{fix.name}: gradguard.{attr} does not exist"

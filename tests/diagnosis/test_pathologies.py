@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 import gradguard
 from gradguard.demo import load_digits_tensors
+from gradguard.remedy import prepend_standardizer
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +279,13 @@ def test_try_fixes_rejects_unknown_names_and_reports_inapplicable_ones(digits):
     gated = next(r for r in results if r.name == "gated_rnn")
     assert not gated.applied and "no vanilla nn.RNN" in gated.note
     assert next(r for r in results if r.name == "lower_lr").applied
+
+
+def test_a_model_that_standardises_its_own_inputs_is_not_flagged(digits):
+    x, y = digits
+    raw = x * 1000 + 50
+    model = prepend_standardizer(mlp([64, 64, 64, 10], nn.ReLU, "he"), raw)
+    d = gradguard.diagnose(model, (raw, y), F.cross_entropy, steps=3, hessian=False)
+    assert "unnormalized_input" not in d.kinds
+    assert d.inputs is not None and d.inputs.feature_rms_max < 2  # judged at the first layer's input
+    assert d.inputs.first_layer_grad_ratio == pytest.approx(1.0, rel=0.05)

@@ -86,16 +86,59 @@ def input_stats(x: Any) -> InputStats | None:
     )
 
 
+class _Stop(Exception):
+    """Ends a forward pass once the first layer's input is seen."""
+
+
+def first_layer_input(model: nn.Module, first: nn.Module, inputs: Any) -> Any:
+    """What the first layer receives: the inputs after any parameter-free preprocessing the model does itself.
+
+    A model that standardises its own inputs (an ``InputStandardizer`` in front) feeds its
+    first layer standardised values; those are what the input rule must judge.
+    """
+    seen: list[Any] = []
+
+    def grab(module: nn.Module, args: Any) -> None:
+        seen.append(args[0] if args else None)
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(grab)
+    try:
+        with torch.no_grad():
+            model(inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0] if seen else None
+
+
 def first_layer_grad_ratio(
-    model: nn.Module, first: nn.Module, inputs: torch.Tensor, targets: Any, loss_fn: Callable[..., torch.Tensor]
+    model: nn.Module, first: nn.Module, inputs: Any, targets: Any, loss_fn: Callable[..., torch.Tensor]
 ) -> float | None:
-    """||dL/dW|| of the first layer with the given inputs over the same with standardised inputs (no .grad change)."""
+    """||dL/dW|| of the first layer as the model runs over the same with its input standardised (no .grad change).
+
+    The standardisation happens at the first layer's input (a pre-hook), so whatever the
+    model does before that layer is kept.
+    """
     params = [p for p in first.parameters(recurse=False) if p.requires_grad]
     if not params:
         return None
+
+    def standardized(module: nn.Module, args: Any) -> Any:
+        x = args[0]
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            return (standardize(x), *args[1:])
+        return None
+
     norms = []
-    for x in (inputs, standardize(inputs)):
-        loss = loss_fn(model(x), targets)
+    for hook in (None, standardized):
+        handle = first.register_forward_pre_hook(hook) if hook is not None else None
+        try:
+            loss = loss_fn(model(inputs), targets)
+        finally:
+            if handle is not None:
+                handle.remove()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         sq = sum(float(torch.sum(g.to(torch.float64) ** 2)) for g in grads if g is not None)
         norms.append(math.sqrt(sq))

@@ -28,7 +28,7 @@ from ..watch import Watch
 from .curvature import Curvature, hessian_top_eigenvalue, learning_rate_findings, stability_limit
 from .flow import flow_findings, flowing
 from .init_audit import LayerInit, audit, init_findings
-from .inputs import InputStats, first_layer_grad_ratio, input_findings, input_stats
+from .inputs import InputStats, first_layer_grad_ratio, first_layer_input, input_findings, input_stats
 from .prediction import Prediction, predict
 from .profile import Profile, measure_profile
 from .recurrent import TimeProfile, through_time, through_time_findings
@@ -418,9 +418,9 @@ def _diagnose(
     audited = audit(index, profile)
     found += init_findings(audited, profile)
 
-    stats = input_stats(x)
-    if stats is not None and finite and profile.order:
-        first = index.modules[profile.order[0]]
+    first = index.modules[profile.order[0]] if profile.order else None
+    stats = input_stats(first_layer_input(work, first, x) if first is not None else x)
+    if stats is not None and finite and first is not None:
         ratio = first_layer_grad_ratio(work, first, x, y, loss_fn)
         stats = InputStats(**{**stats.to_dict(), "first_layer": profile.names[profile.order[0]],
                               "first_layer_grad_ratio": ratio})
