@@ -475,3 +475,15 @@ def test_other_bad_arguments_name_the_problem():
         zero_init_residual_(model)
     with pytest.raises(ValueError, match="variance 0"):
         lsuv(model, torch.zeros(8, 4))
+
+
+def test_zero_init_residual_zeroes_the_alpha_of_residualize_blocks():
+    from gradguard.remedy import residualize
+
+    model = residualize(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()), alpha_init=0.5)
+    alphas = [m.alpha for m in model.modules() if hasattr(m, "alpha")]
+    assert alphas and all(float(a.detach()) == 0.5 for a in alphas)
+    zero_init_residual_(model)
+    assert all(float(a.detach()) == 0.0 for a in alphas)
+    x = torch.randn(3, 8)
+    assert torch.equal(model(x), x)  # every block is the identity again

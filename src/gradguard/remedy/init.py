@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..probe.layers import _unwrap
+from .architecture import Residual
 
 __all__ = ["SCHEMES", "init_", "lsuv", "zero_init_residual_"]
 
@@ -441,7 +442,8 @@ def zero_init_residual_(model: M, names: Iterable[str] | None = None) -> M:
     With ``names``: the ``weight`` and ``bias`` of each named module are set to 0. Name the last layer of each
     residual branch: its last Linear/Conv, or its last normalisation layer as in Goyal et al. 2017 ("zero-gamma").
     Without ``names``: every parameter called ``skipinit_gain`` or ``gain`` that a module registers itself (the
-    scalar multiplying the branch in SkipInit, De & Smith 2020) is set to 0.
+    scalar multiplying the branch in SkipInit, De & Smith 2020), and the ``alpha`` of every
+    :class:`gradguard.remedy.architecture.Residual` (what :func:`residualize` builds), is set to 0.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -454,9 +456,11 @@ def zero_init_residual_(model: M, names: Iterable[str] | None = None) -> M:
     if names is None:
         for module in inner.modules():
             targets += [p for n, p in module._parameters.items() if n in _SKIPINIT_NAMES and p is not None]
+            if isinstance(module, Residual) and module.alpha.requires_grad:
+                targets.append(module.alpha)  # gradguard's own SkipInit block (residualize)
         if not targets:
             raise ValueError(
-                f"{type(inner).__name__} has no 'skipinit_gain' or 'gain' parameter to zero; "
+                f"{type(inner).__name__} has no 'skipinit_gain' or 'gain' parameter and no Residual block to zero; "
                 "pass names= with the last layer of each residual branch (e.g. names=['blocks.0.fc2'])."
             )
     else:
