@@ -38,7 +38,8 @@ def test_default_suite_reproduces_every_case_and_the_report_shows_them(tmp_path,
         assert section.count() == 1, name
         box = page.locator(f"#{name}-figure img").bounding_box()
         assert box is not None and box["width"] > 200 and box["height"] > 100, name
-        assert "reproduced" in section.inner_text()
+        verdict = section.locator("h2 .badge").inner_text().strip().lower()  # the badge's CSS upper-cases it
+        assert verdict == "reproduced", name
     shot = tmp_path / "lab.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 50_000
