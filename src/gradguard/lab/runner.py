@@ -136,19 +136,41 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+SIGNIFICANT = 10  # digits kept of every float in results.json
+
+
 def _jsonable(x: Any) -> Any:
-    """Plain JSON types: numpy scalars to Python, tuples to lists; NaN/inf rejected later by json."""
+    """Plain JSON types: numpy scalars to Python, tuples to lists, floats to 10 significant digits (non-finite: None).
+
+    The rounding is what makes one seed give one file: BLAS/LAPACK kernels (MKL picks them
+    by memory alignment) change the last bits of float64 results from process to process,
+    around the 14th digit, far below any digit a case's check or reader uses.
+    """
     import numpy as np
 
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float):
+        return float(f"{x:.{SIGNIFICANT}g}") if math.isfinite(x) else None
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
     return x
+
+
+_WORKER_ENV = {"MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _blas_single_thread() -> Any:
+    """One thread in every BLAS/OpenMP pool for the block (threadpoolctl, which scikit-learn brings)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn (the lab's data) depends on it
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
 
 
 def run_case(name: str, seed: int, full: bool, user: Sequence[str] = ()) -> CaseResult:
@@ -168,7 +190,9 @@ def run_case(name: str, seed: int, full: bool, user: Sequence[str] = ()) -> Case
     torch.set_num_threads(1)
     start = time.perf_counter()
     try:
-        with flush_denormals():
+        # torch.set_num_threads does not reach the BLAS/LAPACK pools (OpenBLAS, MKL) behind torch.linalg and numpy,
+        # whose threaded reductions change the last bits from run to run: one thread there too.
+        with _blas_single_thread(), flush_denormals():
             _seed_everything(seed)
             outcome = c.run(Context(seed=seed, full=full))
         if not isinstance(outcome, Outcome):
@@ -200,25 +224,34 @@ def run_cases(
     user: Sequence[str] = (),
     on_done: Callable[[CaseResult], None] | None = None,
 ) -> list[CaseResult]:
-    """Run cases, ``jobs`` at a time in worker processes (``jobs=1``: here); results in the order given."""
+    """Run cases, ``jobs`` at a time, in fresh worker processes; results in the order given.
+
+    Workers, not this process, so that every run starts from the same state: they are
+    spawned (torch's thread pools do not survive a fork) with one-thread BLAS/OpenMP pools
+    and MKL's reproducible code path (``MKL_CBWR``), which MKL reads only when it loads:
+    without it MKL picks kernels by memory alignment, and the last bits of a result change
+    from one process to the next.
+    """
+    import multiprocessing as mp
+
     names = [c.name for c in cases]
     done: dict[str, CaseResult] = {}
-    if jobs <= 1 or len(names) <= 1:
-        for n in names:
-            done[n] = run_case(n, seed, full, user)
-            if on_done is not None:
-                on_done(done[n])
-    else:
-        import multiprocessing as mp
-
-        # spawn, not fork: the parent may hold torch's thread pools, which do not survive a fork.
-        with ProcessPoolExecutor(max_workers=min(jobs, len(names)), mp_context=mp.get_context("spawn")) as pool:
+    saved = {var: os.environ.get(var) for var in _WORKER_ENV}
+    os.environ.update(_WORKER_ENV)
+    try:
+        with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(names))), mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(run_case, n, seed, full, tuple(user)): n for n in names}
             for future in as_completed(futures):
                 n = futures[future]
                 done[n] = future.result()
                 if on_done is not None:
                     on_done(done[n])
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
     return [done[n] for n in names]
 
 
