@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from gradguard.lab.case import REGISTRY, Context, Outcome
+from gradguard.lab.case import REGISTRY, Outcome
 from gradguard.lab.cases import seeds
-from gradguard.numerics import flush_denormals
+from gradguard.lab.runner import run_outcome as run
 
 CASES = sorted(name for name, c in REGISTRY.items() if c.module == seeds.__name__)
 # Cases whose claim does not reproduce, with the verdict of each check: the article's accuracy statements about
@@ -26,16 +25,6 @@ NOT_REPRODUCED = {
 }
 
 
-def run(name: str, seed: int = 0) -> Outcome:
-    """Run a case as the lab's runner does: one thread, denormals flushed, seeded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with flush_denormals():
-            torch.manual_seed(seed)
-            return REGISTRY[name].run(Context(seed=seed))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_the_module_declares_its_seven_cases_in_its_group():

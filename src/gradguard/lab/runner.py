@@ -163,7 +163,11 @@ _WORKER_ENV = {"MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_T
 
 
 def _blas_single_thread() -> Any:
-    """One thread in every BLAS/OpenMP pool for the block (threadpoolctl, which scikit-learn brings)."""
+    """One thread in every BLAS/OpenMP pool for the block (threadpoolctl, which scikit-learn brings).
+
+    torch.set_num_threads does not reach the BLAS/LAPACK pools (OpenBLAS, MKL) behind
+    torch.linalg and numpy, whose threaded reductions change the last bits from run to run.
+    """
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - scikit-learn (the lab's data) depends on it
@@ -173,12 +177,24 @@ def _blas_single_thread() -> Any:
     return threadpool_limits(limits=1)
 
 
-def run_case(name: str, seed: int, full: bool, user: Sequence[str] = ()) -> CaseResult:
-    """Run one case here: single-threaded, denormals flushed, seeded. Never raises for the case's own errors."""
+def run_outcome(name: str, seed: int = 0, full: bool = False) -> Outcome:
+    """Run a registered case here as the workers do: one thread (BLAS pools too), denormals flushed, seeded."""
     import torch
 
     from ..numerics import flush_denormals
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _blas_single_thread(), flush_denormals():
+            _seed_everything(seed)
+            return REGISTRY[name].run(Context(seed=seed, full=full))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_case(name: str, seed: int, full: bool, user: Sequence[str] = ()) -> CaseResult:
+    """Run one case here: single-threaded, denormals flushed, seeded. Never raises for the case's own errors."""
     if name not in REGISTRY:  # a fresh worker process: load the cases again
         load_builtin()
         for spec in user:
@@ -186,15 +202,9 @@ def run_case(name: str, seed: int, full: bool, user: Sequence[str] = ()) -> Case
     c = REGISTRY[name]
     result = CaseResult(c.name, c.title, c.group, c.question, c.setup, c.source.citation, c.source.claim,
                         c.source.qualitative)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     start = time.perf_counter()
     try:
-        # torch.set_num_threads does not reach the BLAS/LAPACK pools (OpenBLAS, MKL) behind torch.linalg and numpy,
-        # whose threaded reductions change the last bits from run to run: one thread there too.
-        with _blas_single_thread(), flush_denormals():
-            _seed_everything(seed)
-            outcome = c.run(Context(seed=seed, full=full))
+        outcome = run_outcome(name, seed, full)
         if not isinstance(outcome, Outcome):
             raise TypeError(f"case {name!r} returned {type(outcome).__name__}, not a gradguard.lab.Outcome")
         result.measured = _jsonable(outcome.measured)
@@ -209,7 +219,6 @@ def run_case(name: str, seed: int, full: bool, user: Sequence[str] = ()) -> Case
         result.passed = False
         result.error = traceback.format_exc()
     finally:
-        torch.set_num_threads(threads)
         result.seconds = time.perf_counter() - start
     return result
 
