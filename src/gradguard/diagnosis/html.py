@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .jsonsafe import plain
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -72,10 +73,6 @@ def _time_figure(d: Diagnosis) -> Figure:
     return fig
 
 
-def _num(x: Any) -> Any:
-    return None if isinstance(x, float) and not math.isfinite(x) else x
-
-
 def write_html(d: Diagnosis, path: str | Path) -> Path:
     """Render the page to ``path`` (parent folders created)."""
     from ..report.html import figure_svg, write
@@ -91,11 +88,11 @@ def write_html(d: Diagnosis, path: str | Path) -> Path:
     ]
     init = [[a.layer, a.activation, a.fan_in, a.variance_fan_in, a.needed, a.scheme, a.ratio] for a in d.init]
     fixes = [
-        [r.name, r.note, _num(r.ratio_before), _num(r.ratio_after), _num(r.loss_before), _num(r.loss_after),
+        [r.name, r.note, plain(r.ratio_before), plain(r.ratio_after), plain(r.loss_before), plain(r.loss_after),
          r.errors_after if r.applied else None]
         for r in d.fix_results
     ]
-    time_rows = [[t.layer, t.kind, len(t.norms) - 1 if len(t.norms) else None, _num(t.ratio), t.skipped]
+    time_rows = [[t.layer, t.kind, len(t.norms) - 1 if len(t.norms) else None, plain(t.ratio), t.skipped]
                  for t in d.through_time]
     toc = [("findings", "Findings"), ("profile", "Gradient through depth"), ("theory", "Theory"),
            ("init", "Initialisation"), ("stability", "Learning-rate stability"), ("run", "Short run")]
@@ -117,6 +114,6 @@ def write_html(d: Diagnosis, path: str | Path) -> Path:
         init=init,
         fixes=fixes,
         time_rows=time_rows,
-        gradient_ratio=_num(d.gradient_ratio()),
-        final_loss=_num(d.final_loss()),
+        gradient_ratio=plain(d.gradient_ratio()),
+        final_loss=plain(d.final_loss()),
     )

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..probe.layers import LayerIndex
 from ..theory import derivative_bound, mean_field
+from .jsonsafe import plain
 from .profile import Profile
 
 MIN_HIDDEN = 3
@@ -65,7 +66,7 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["depth"] = self.depth
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+        return plain(d)
 
     def __str__(self) -> str:
         return (

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..probe.activations import _ACTIVATIONS
 from ..probe.layers import LayerIndex
+from .jsonsafe import plain
 
 # Normalisation layers own parameters but only rescale: they end a chain and are not audited.
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d,
@@ -85,24 +86,20 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly: one entry per layer that ran, in execution order."""
         return {
-            "input_rms": _num(math.sqrt(self.input_ms)),
-            "loss": _num(self.loss),
+            "input_rms": plain(math.sqrt(self.input_ms)),
+            "loss": plain(self.loss),
             "layers": [
                 {
                     "layer": self.names[i],
                     "type": self.types[i],
                     "activation": self.activation[i],
-                    "output_rms": _num(math.sqrt(self.out_ms[i])),
-                    "grad_rms": _num(math.sqrt(self.grad_ms[i])),
+                    "output_rms": plain(math.sqrt(self.out_ms[i])),
+                    "grad_rms": plain(math.sqrt(self.grad_ms[i])),
                     "chained": self.chained[i],
                 }
                 for i in self.order
             ],
         }
-
-
-def _num(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
 
 
 def measure_profile(

@@ -29,6 +29,7 @@ from .curvature import Curvature, hessian_top_eigenvalue, learning_rate_findings
 from .flow import flow_findings, flowing
 from .init_audit import LayerInit, audit, init_findings
 from .inputs import InputStats, first_layer_grad_ratio, first_layer_input, input_findings, input_stats
+from .jsonsafe import plain
 from .prediction import Prediction, predict
 from .profile import Profile, measure_profile
 from .recurrent import TimeProfile, through_time, through_time_findings
@@ -213,7 +214,7 @@ class Diagnosis:
             "losses": [float(x) for x in self.losses],
             "fixes_tried": [r.to_dict() for r in self.fix_results],
         }
-        return _plain(d)
+        return plain(d)
 
     def to_json(self, indent: int | None = 2) -> str:
         """``to_dict()`` as JSON text."""
@@ -231,23 +232,6 @@ class Diagnosis:
         from .text import render_text
 
         return render_text(self)
-
-
-def _plain(x: Any) -> Any:
-    """JSON-safe copy: numpy scalars to Python, non-finite floats to None."""
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return [_plain(v) for v in x.tolist()]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
 
 
 # -- the checks -----------------------------------------------------------------------------------------------------

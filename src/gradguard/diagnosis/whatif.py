@@ -13,6 +13,7 @@ from torch import nn
 
 from ..remedy.architecture import insert_normalization, prepend_standardizer, residualize, swap_activation
 from ..remedy.init import init_
+from .jsonsafe import plain
 
 if TYPE_CHECKING:
     from .run import Diagnosis, OptimizerSpec
@@ -174,7 +175,7 @@ class FixResult:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["improvement"] = self.improvement
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+        return plain(d)
 
 
 def proposed(d: Diagnosis) -> list[str]:
