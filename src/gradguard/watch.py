@@ -24,7 +24,8 @@ import math
 import os
 import platform
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -37,6 +38,13 @@ from .probe.grads import STRATEGIES, GradProbe
 from .probe.layers import find_layers
 from .record.store import Recorder
 from .trace import METRICS, Trace
+
+
+class Sink(Protocol):
+    """Receives every flush: a Trace of the new rows and the findings first seen in them."""
+
+    def write(self, rows: Trace, findings: Sequence[Finding]) -> None: ...
+
 
 _G, _W, _A = 0, 3, 6  # first row of the gradient, weight/update and activation metrics
 _N = len(METRICS)
@@ -89,6 +97,7 @@ class Watch:
         strategy: str = "auto",
         seed: int | None = None,
         dead_window: int = 4,
+        sinks: Sequence[Sink] = (),
     ) -> None:
         self.every = _positive_int("every", every)
         self.weights_every = _positive_int("weights_every", weights_every, allow_zero=True)
@@ -100,6 +109,12 @@ class Watch:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if scaler is not None and not hasattr(scaler, "_scale"):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        sinks = list(sinks)
+        for sink in sinks:
+            if not callable(getattr(sink, "write", None)):
+                raise TypeError(
+                    f"sinks must have a write(rows, findings) method (see gradguard.sinks), got {type(sink).__name__}"
+                )
         index = find_layers(model)  # raises on a non-module or a model without parameters
         if any(p.device.type == "meta" for p in index.params) and store is not None:
             raise ValueError("the model's parameters are on the meta device: there is nothing to record")
@@ -116,6 +131,8 @@ class Watch:
             if store is not None and _rank() == 0
             else None
         )
+        # Like the store, sinks are written by rank 0 only.
+        self.sinks: list[Sink] = sinks if _rank() == 0 else []
         self._grads = GradProbe(index, self.device, strategy)
         self._acts = (
             ActivationProbe(model, index, self.device, dead_window=dead_window, persistent=_is_compiled(model))
@@ -273,21 +290,30 @@ class Watch:
         self._ring_steps.clear()
         self._ring_given.clear()
         self.trace.append(steps, values, loss, given)
-        self._update_findings()
+        new = self._update_findings()
         if self._recorder is not None:
             self._recorder.write(steps, values, loss, given, self.findings)
+        if self.sinks:
+            rows = Trace(self.layers, self.trace.meta)
+            rows.append(steps, values, loss, given)
+            for sink in self.sinks:
+                sink.write(rows, new)
 
-    def _update_findings(self) -> None:
+    def _update_findings(self) -> list[Finding]:
+        """Merge this flush's detections into ``self.findings``; returns those seen for the first time."""
         window = max(self.thresholds.window, self.flush_every)
         new = detect(self.trace.tail(window + self.thresholds.growth_min_history), self.thresholds)
         known = {_key(f): i for i, f in enumerate(self.findings)}
+        first: list[Finding] = []
         for f in new:
             key = _key(f)
             if key not in known:
                 known[key] = len(self.findings)
                 self.findings.append(f)
+                first.append(f)
             elif f.kind != "nonfinite":  # nonfinite keeps the first occurrence
                 self.findings[known[key]] = f
+        return first
 
     # -- lifecycle ------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -314,6 +340,10 @@ class Watch:
                 self._acts.detach(final=True)
             if self._recorder is not None:
                 self._recorder.close()
+            for sink in self.sinks:
+                close = getattr(sink, "close", None)
+                if callable(close):
+                    close()
             # Drop every reference to the model, its parameters and optimizer: the Trace
             # and findings outlive them, the model can be garbage-collected.
             self._grads = None  # type: ignore[assignment]
@@ -354,6 +384,7 @@ def watch(
     strategy: str = "auto",
     seed: int | None = None,
     dead_window: int = 4,
+    sinks: Sequence[Sink] = (),
 ) -> Watch:
     """Watch a model's per-layer gradient health; returns a :class:`Watch` (a context manager).
 
@@ -376,10 +407,13 @@ def watch(
             or ``"hooks"`` (every host parameter measured inside backward).
         seed: recorded in the run metadata (default: ``torch.initial_seed()``).
         dead_window: how many sampled batches a unit must stay inactive to count as dead.
+        sinks: where else each flush goes (rank 0 only): objects with ``write(rows, findings)``
+            and optionally ``close()``, such as ``gradguard.sinks.TensorBoard(...)``; ``rows`` is a
+            :class:`Trace` of the flushed steps, ``findings`` those first seen in this flush.
     """
     return Watch(
         model, optimizer=optimizer, every=every, weights_every=weights_every,
         activations_every=activations_every, flush_every=flush_every, store=store,
         overwrite=overwrite, scaler=scaler, thresholds=thresholds, strategy=strategy, seed=seed,
-        dead_window=dead_window,
+        dead_window=dead_window, sinks=sinks,
     )
