@@ -62,7 +62,13 @@ class Trace:
     """Statistics by (step, layer, metric) and run metadata; see the module docstring."""
 
     def __init__(self, layers: Sequence[str], meta: dict[str, Any] | None = None) -> None:
-        self.layers: list[str] = list(layers)
+        # A bare string is a sequence too: Trace("fc") would silently make layers "f" and "c".
+        names = list(_iterable(layers))
+        if isinstance(layers, (str, bytes)) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"layers must be a list of layer names (str), got {layers!r:.80}")
+        if meta is not None and not isinstance(meta, dict):
+            raise TypeError(f"meta must be a dict of run metadata, got {type(meta).__name__}")
+        self.layers: list[str] = names
         self.meta: dict[str, Any] = dict(meta or {})
         # Rows arrive in blocks (one per flush); they are joined on first read.
         self._steps: list[np.ndarray] = []
@@ -152,13 +158,40 @@ class Trace:
     def tail(self, n: int) -> Trace:
         """A new Trace holding the last ``n`` recorded steps (same layers and meta)."""
         out = Trace(self.layers, self.meta)
-        if len(self):
-            self._join()
-            out._steps = [self._steps[0][-n:]]
-            out._values = [self._values[0][-n:]]
-            out._loss = [self._loss[0][-n:]]
-            out._given = [self._given[0][-n:]]
+        if n <= 0 or not len(self):
+            return out
+        # Only the last blocks are read: a running watch calls this every flush, and joining a
+        # long history each time would cost a copy of all of it.
+        first, held = len(self._steps), 0
+        while first > 0 and held < n:
+            first -= 1
+            held += len(self._steps[first])
+        out._steps = [_last(self._steps[first:], n)]
+        out._values = [_last(self._values[first:], n)]
+        out._loss = [_last(self._loss[first:], n)]
+        out._given = [_last(self._given[first:], n)]
         return out
+
+    def keep_rows(self, keep: np.ndarray) -> None:
+        """Keep only the rows where the bool mask ``keep`` [S] is true (in place); see ``trace_history``."""
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (len(self),):
+            raise ValueError(f"Trace.keep_rows: the mask must have shape ({len(self)},), got {keep.shape}")
+        if not len(self):
+            return
+        self._join()
+        self._steps = [self._steps[0][keep]]
+        self._values = [self._values[0][keep]]
+        self._loss = [self._loss[0][keep]]
+        self._given = [self._given[0][keep]]
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(steps, values, loss, loss_given) without copies; callers must not change them."""
+        self._join()
+        if not self._steps:
+            return (np.zeros(0, dtype=np.int64), np.zeros((0, len(METRICS), len(self.layers))),
+                    np.zeros(0), np.zeros(0, dtype=bool))
+        return self._steps[0], self._values[0], self._loss[0], self._given[0]
 
     # -- persistence --------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -194,9 +227,23 @@ class Trace:
                 trace = cls(json.loads(str(data["layers"])), json.loads(str(data["meta"])))
                 values = _reorder(data["values"], header.get("metrics", list(METRICS)))
                 trace.append(data["steps"], values, data["loss"], data["loss_given"])
-        except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, ValueError, EOFError) as err:
+        # TypeError, AttributeError, IndexError: arrays or JSON of the wrong kind or shape.
+        except (OSError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, ValueError, EOFError, TypeError,
+                AttributeError, IndexError) as err:
             raise ValueError(f"{path} is not a readable gradguard trace (.npz): {err}") from None
         return trace
+
+
+def _last(blocks: list[np.ndarray], n: int) -> np.ndarray:
+    """The last ``n`` rows of consecutive blocks, as one array (a copy, so it never pins a long history)."""
+    return (np.concatenate(blocks) if len(blocks) > 1 else blocks[0])[-n:].copy()
+
+
+def _iterable(layers: Any) -> Any:
+    try:
+        return iter(layers)
+    except TypeError:
+        raise TypeError(f"layers must be a list of layer names (str), got {type(layers).__name__}") from None
 
 
 def _reorder(values: np.ndarray, names: list[str]) -> np.ndarray:

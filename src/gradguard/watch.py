@@ -36,8 +36,9 @@ from .detect import Finding, Thresholds, detect
 from .probe.activations import N_ACT, ActivationProbe
 from .probe.grads import STRATEGIES, GradProbe
 from .probe.layers import find_layers
-from .record.store import Recorder
+from .record.store import DEFAULT_KEEP, Recorder
 from .trace import METRICS, Trace
+from .trace_history import downsample
 
 
 class Sink(Protocol):
@@ -46,6 +47,7 @@ class Sink(Protocol):
     def write(self, rows: Trace, findings: Sequence[Finding]) -> None: ...
 
 
+DEFAULT_HISTORY = 10_000
 _G, _W, _A = 0, 3, 6  # first row of the gradient, weight/update and activation metrics
 _N = len(METRICS)
 
@@ -54,6 +56,17 @@ def _positive_int(name: str, value: object, allow_zero: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (value == 0 and not allow_zero):
         need = "a non-negative integer (0 turns it off)" if allow_zero else "a positive integer"
         raise ValueError(f"{name} must be {need}, got {value!r}")
+    return value
+
+
+def _history(value: object, least: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(
+            f"history must be None (keep every row) or an integer of at least {least} rows (4 times the rows "
+            f"the detectors read at a flush), got {value!r}"
+        )
     return value
 
 
@@ -98,6 +111,8 @@ class Watch:
         seed: int | None = None,
         dead_window: int = 4,
         sinks: Sequence[Sink] = (),
+        history: int | None = DEFAULT_HISTORY,
+        store_keep: int | None = DEFAULT_KEEP,
     ) -> None:
         self.every = _positive_int("every", every)
         self.weights_every = _positive_int("weights_every", weights_every, allow_zero=True)
@@ -122,12 +137,15 @@ class Watch:
         self.layers = index.names
         self.device = index.params[0].device
         self.thresholds = thresholds or Thresholds()
+        least = 4 * self._detect_rows()
+        # The default grows with flush_every; a history given explicitly is checked.
+        self.history = _history(max(history, least) if history == DEFAULT_HISTORY else history, least)
         self.optimizer = optimizer
         self.scaler = scaler
         self.trace = Trace(index.names, self._metadata(model, seed))
         self.findings: list[Finding] = []
         self._recorder = (
-            Recorder(store, index.names, self.trace.meta, overwrite=overwrite)
+            Recorder(store, index.names, self.trace.meta, overwrite=overwrite, keep=store_keep)
             if store is not None and _rank() == 0
             else None
         )
@@ -291,6 +309,8 @@ class Watch:
         self._ring_given.clear()
         self.trace.append(steps, values, loss, given)
         new = self._update_findings()
+        if self.history is not None:
+            downsample(self.trace, self.history, protect=[f.step for f in self.findings if f.step is not None])
         if self._recorder is not None:
             self._recorder.write(steps, values, loss, given, self.findings)
         if self.sinks:
@@ -299,10 +319,13 @@ class Watch:
             for sink in self.sinks:
                 sink.write(rows, new)
 
+    def _detect_rows(self) -> int:
+        """How many recent rows the detectors read at a flush (kept whole by ``history``)."""
+        return max(self.thresholds.window, self.flush_every) + self.thresholds.growth_min_history
+
     def _update_findings(self) -> list[Finding]:
         """Merge this flush's detections into ``self.findings``; returns those seen for the first time."""
-        window = max(self.thresholds.window, self.flush_every)
-        new = detect(self.trace.tail(window + self.thresholds.growth_min_history), self.thresholds)
+        new = detect(self.trace.tail(self._detect_rows()), self.thresholds)
         known = {_key(f): i for i, f in enumerate(self.findings)}
         first: list[Finding] = []
         for f in new:
@@ -385,6 +408,8 @@ def watch(
     seed: int | None = None,
     dead_window: int = 4,
     sinks: Sequence[Sink] = (),
+    history: int | None = DEFAULT_HISTORY,
+    store_keep: int | None = DEFAULT_KEEP,
 ) -> Watch:
     """Watch a model's per-layer gradient health; returns a :class:`Watch` (a context manager).
 
@@ -410,10 +435,21 @@ def watch(
         sinks: where else each flush goes (rank 0 only): objects with ``write(rows, findings)``
             and optionally ``close()``, such as ``gradguard.sinks.TensorBoard(...)``; ``rows`` is a
             :class:`Trace` of the flushed steps, ``findings`` those first seen in this flush.
+        history: the most rows ``Watch.trace`` holds in host memory (default 10,000, or 4 times
+            the rows the detectors read if that is more; ``None`` keeps every row). Past it the
+            trace is thinned to 3/4 of it: the last quarter at full resolution; non-finite steps
+            and steps named by findings, with 2 rows either side, at full resolution (earliest
+            first, up to a quarter); older rows downsampled to two real rows per bucket of steps,
+            the one of largest gradient norm (or a non-finite one) and the most-measured one, so a
+            spike survives (see :mod:`gradguard.trace_history`). Memory: about
+            ``history x 80 x layers`` bytes.
+        store_keep: the most rows the store keeps, by the same policy (default 100,000; ``None``
+            keeps every row); the store file stays under ``store_keep x (80 x layers + 40) x 1.5``
+            bytes + 1 MiB (see :mod:`gradguard.record.store`).
     """
     return Watch(
         model, optimizer=optimizer, every=every, weights_every=weights_every,
         activations_every=activations_every, flush_every=flush_every, store=store,
         overwrite=overwrite, scaler=scaler, thresholds=thresholds, strategy=strategy, seed=seed,
-        dead_window=dead_window, sinks=sinks,
+        dead_window=dead_window, sinks=sinks, history=history, store_keep=store_keep,
     )

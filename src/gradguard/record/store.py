@@ -13,6 +13,19 @@ Schema (version 1):
     The findings so far (``evidence`` and ``fixes`` as JSON); replaced at every flush.
 
 Every flush is one transaction, so a killed run keeps every step up to its last flush.
+
+Retention (``Recorder(keep=R)``, ``watch(store_keep=R)``; default 100,000 rows, ``None`` keeps
+every row): once the store holds more than R rows, the write that crosses it also deletes
+rows, in the same transaction, by the policy of :mod:`gradguard.trace_history`: the last R/4
+steps and the anomalies (non-finite steps, steps named by findings, with context) at full
+resolution, older steps downsampled to a spike row and a richest row per bucket of steps.
+It leaves at most 3/4 R rows, so deleting happens once every R/4 rows, not at every flush.
+SQLite reuses the freed pages (no ``VACUUM``), and the write-ahead log is truncated after
+each checkpoint, so the files stop growing. Size bound for L layers: the store file holds
+at most ``R x (80 L + 40) x 1.5 bytes + 1 MiB`` (a row is 80 L bytes of statistics plus
+about 40 of step, time and loss; the factor 1.5 covers B-tree pages that deletes leave part
+full), and the ``-wal`` file at most 16 MiB, except during a thinning transaction, when it
+briefly holds the pages that transaction changes (at most the store file's size).
 """
 
 from __future__ import annotations
@@ -31,10 +44,13 @@ import numpy as np
 
 from ..detect.finding import Finding
 from ..trace import METRICS, Trace, _reorder
+from ..trace_history import MIN_LIMIT, plan, summarize
 
 FORMAT = "gradguard.store"
 SCHEMA_VERSION = 1
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+DEFAULT_KEEP = 100_000
+_WAL_LIMIT = 16 * 2**20  # bytes the write-ahead log is truncated to after a checkpoint
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS steps (
@@ -51,11 +67,31 @@ class StoreError(ValueError):
 
 
 class Recorder:
-    """Writes a run to a SQLite file; one transaction per :meth:`write`."""
+    """Writes a run to a SQLite file; one transaction per :meth:`write`.
+
+    ``keep``: the most rows the store holds (see Retention in the module docstring); ``None``
+    keeps every row.
+    """
 
     def __init__(
-        self, path: str | os.PathLike[str], layers: Sequence[str], meta: dict[str, Any], overwrite: bool = False
+        self,
+        path: str | os.PathLike[str],
+        layers: Sequence[str],
+        meta: dict[str, Any],
+        overwrite: bool = False,
+        keep: int | None = DEFAULT_KEEP,
     ) -> None:
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < MIN_LIMIT):
+            raise ValueError(f"store_keep must be an integer of at least {MIN_LIMIT} rows, or None to keep every row;"
+                             f" got {keep!r}")
+        self.keep = keep
+        # What the retention policy needs of each row in the store, kept here so that deciding
+        # never reads the rows back: step numbers [n] and trace_history.summarize rows [n, 3].
+        # Blocks, one per write, joined only when the policy runs.
+        self._kept_steps: list[np.ndarray] = []
+        self._kept_summary: list[np.ndarray] = []
+        self._kept_rows = 0
+        self.rows_deleted = 0
         self.path = Path(path)
         parent = self.path.resolve().parent
         if not parent.is_dir():
@@ -76,6 +112,7 @@ class Recorder:
             self._db.execute("PRAGMA journal_mode=WAL")
             # WAL + NORMAL: a commit survives a killed process (only power loss can drop the last ones).
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
             self._db.executescript(_SCHEMA)
             header = {
                 "format": FORMAT,
@@ -104,8 +141,11 @@ class Recorder:
         loss_given: np.ndarray,
         findings: Sequence[Finding] | None = None,
     ) -> None:
-        """Append recorded rows (and replace the findings) in one transaction."""
+        """Append recorded rows (and replace the findings) in one transaction; applies retention."""
         now = time.time()
+        values = np.asarray(values, dtype=np.float64)
+        steps = np.asarray(steps, dtype=np.int64)
+        drop, fresh, kept = self._retain(steps, values, loss, loss_given, findings)
         rows = [
             (
                 int(s),
@@ -115,9 +155,12 @@ class Recorder:
                 int(bool(given)),
                 np.ascontiguousarray(vals, dtype="<f8").tobytes(),
             )
-            for s, vals, v, given in zip(steps, values, loss, loss_given)
+            for s, vals, v, given, ok in zip(steps, values, loss, loss_given, fresh)
+            if ok
         ]
         with self._transaction():
+            # Delete before inserting: the freed pages take the new rows, so the file never holds more than keep.
+            self._db.executemany("DELETE FROM steps WHERE step = ?", [(int(s),) for s in drop])
             self._db.executemany("INSERT INTO steps VALUES (?, ?, ?, ?, ?)", rows)
             if findings is not None:
                 self._db.execute("DELETE FROM findings")
@@ -130,6 +173,33 @@ class Recorder:
                         for f in findings
                     ],
                 )
+        # Only after the commit: a failed write leaves the store, and this record of it, as they were.
+        self._kept_steps, self._kept_summary = kept
+        self._kept_rows = sum(len(b) for b in self._kept_steps)
+        self.rows_deleted += len(drop)
+
+    def _retain(
+        self,
+        steps: np.ndarray,
+        values: np.ndarray,
+        loss: np.ndarray,
+        loss_given: np.ndarray,
+        findings: Sequence[Finding] | None,
+    ) -> tuple[np.ndarray, np.ndarray, tuple[list[np.ndarray], list[np.ndarray]]]:
+        """Under the retention policy: (stored steps to delete, mask of the new rows to insert, the new record)."""
+        fresh = np.ones(len(steps), dtype=bool)
+        none = np.zeros(0, dtype=np.int64)
+        if self.keep is None:
+            return none, fresh, ([], [])
+        summary = summarize(values, np.asarray(loss, dtype=np.float64), np.asarray(loss_given, dtype=bool))
+        blocks_s, blocks_m = [*self._kept_steps, steps], [*self._kept_summary, summary]
+        if self._kept_rows + len(steps) <= self.keep:
+            return none, fresh, (blocks_s, blocks_m)
+        all_steps, all_summary = np.concatenate(blocks_s), np.concatenate(blocks_m)
+        protect = [f.step for f in findings or () if f.step is not None]
+        keep = plan(all_steps, all_summary, self.keep, protect)
+        n_old = self._kept_rows
+        return all_steps[:n_old][~keep[:n_old]], keep[n_old:], ([all_steps[keep]], [all_summary[keep]])
 
     def close(self) -> None:
         if not self._closed:
@@ -148,6 +218,12 @@ class _Tx:
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def _as_path(path: object) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"expected the path of a .db store or .npz trace (str or Path), got {type(path).__name__}")
+    return Path(path)
 
 
 def _check_is_store(path: Path) -> None:
@@ -172,7 +248,13 @@ def _connect_ro(path: Path) -> sqlite3.Connection:
     if json.loads(raw.get("format", "null")) != FORMAT:
         db.close()
         raise StoreError(f"{path} is an SQLite file but not a gradguard store (no gradguard header)")
-    version = json.loads(raw.get("schema_version", "0"))
+    try:
+        version = json.loads(raw.get("schema_version", "0"))
+    except json.JSONDecodeError:
+        version = None
+    if isinstance(version, bool) or not isinstance(version, int):
+        db.close()
+        raise StoreError(f"{path} is a damaged gradguard store: its schema_version is {version!r}, not an integer")
     if version > SCHEMA_VERSION:
         db.close()
         raise StoreError(
@@ -184,7 +266,7 @@ def _connect_ro(path: Path) -> sqlite3.Connection:
 
 def load_store(path: str | os.PathLike[str]) -> Trace:
     """The Trace of a store: of a finished, running or killed run."""
-    path = Path(path)
+    path = _as_path(path)
     db = _connect_ro(path)
     try:
         meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
@@ -210,7 +292,7 @@ def load_store(path: str | os.PathLike[str]) -> Trace:
 
 def load_findings(path: str | os.PathLike[str]) -> list[Finding]:
     """The findings recorded in a store (as of its last flush)."""
-    path = Path(path)
+    path = _as_path(path)
     db = _connect_ro(path)
     try:
         rows = db.execute(
@@ -231,7 +313,7 @@ def load_findings(path: str | os.PathLike[str]) -> list[Finding]:
 
 def load(path: str | os.PathLike[str]) -> Trace:
     """Load a Trace from a store (``.db``) or a saved Trace (``.npz``), whichever ``path`` is."""
-    path = Path(path)
+    path = _as_path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     if zipfile.is_zipfile(path):
