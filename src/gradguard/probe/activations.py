@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .distributed import all_reduce_max_, distributed, gather_rows
 from .layers import LayerIndex
 
 # Activations whose derivative vanishes near the ends of a bounded range: (low, high).
@@ -44,6 +45,11 @@ class ActivationProbe:
     fraction of elements within ``saturation_margin`` (a fraction of the range) of a
     bound of a saturating activation. A unit is dead when a rectifier leaves it inactive
     for every sample of the last ``dead_window`` sampled batches.
+
+    Across processes (DDP, FSDP) the statistics are those of the global batch, the same on
+    every rank: each rank's (count, mean, std, saturation) is gathered and pooled exactly
+    (the mean weighted by element counts, the std from the pooled sum of squared deviations,
+    unbiased), and a unit is active if it is active on any rank.
     """
 
     def __init__(
@@ -70,6 +76,8 @@ class ActivationProbe:
         self._current: int | None = None
         self._stats: dict[int, torch.Tensor] = {}
         self._active: dict[int, torch.Tensor] = {}
+        self._on_ranks = distributed()
+        self._count: dict[int, int] = {}  # elements behind each layer's statistics (across ranks only)
         self._history: list[deque[torch.Tensor]] = [deque(maxlen=max(1, dead_window)) for _ in index.modules]
 
     @property
@@ -121,9 +129,13 @@ class ActivationProbe:
         if act is not None and isinstance(act, RECTIFYING):
             self._active[layer] = _units(y, 1 if self._conv[layer] else -1)
         self._stats[layer] = torch.stack([mean, std, sat]).to(self.device, torch.float64)
+        if self._on_ranks:
+            self._count[layer] = y.numel()
 
     def collect(self) -> torch.Tensor:
         """Statistics of the hooked forward as float64 [4, L] (NaN where not measured)."""
+        if self._on_ranks:
+            self._pool_ranks()
         out = torch.full((N_ACT, len(self.index)), torch.nan, dtype=torch.float64, device=self.device)
         for layer, s in self._stats.items():
             out[:3, layer] = s
@@ -137,3 +149,32 @@ class ActivationProbe:
         self._stats.clear()
         self._active.clear()
         return out
+
+    def _pool_ranks(self) -> None:
+        """Replace this rank's statistics by those of all ranks' batches together (two collectives)."""
+        n_layers = len(self.index)
+        mine = torch.zeros(n_layers, 4, dtype=torch.float64, device=self.device)  # count, mean, std, sat
+        for layer, s in self._stats.items():
+            mine[layer, 0] = float(self._count[layer])
+            mine[layer, 1:] = s
+        ranks = gather_rows(mine)  # [world, L, 4]
+        n, mean, std, sat = ranks.unbind(-1)
+        seen = n > 0
+        total = n.sum(dim=0)
+        w = n / total.clamp_min(1)
+        pooled = (w * torch.where(seen, mean, 0.0)).sum(dim=0)
+        # Chan et al.: within-rank squared deviations plus each rank's mean offset.
+        mean = torch.where(seen, mean, 0.0)
+        m2 = (n - 1).clamp_min(0) * torch.where(seen, std, 0.0) ** 2 + n * (mean - pooled) ** 2
+        pooled_std = (m2.sum(dim=0) / (total - 1).clamp_min(1)).sqrt()
+        pooled_sat = (w * torch.where(seen, sat, 0.0)).sum(dim=0)  # NaN (not saturating) stays NaN
+        # A layer no rank measured stays NaN (torch.where: no read of the values, no sync).
+        out = torch.where(total > 0, torch.stack([pooled, pooled_std, pooled_sat]), torch.nan)
+        self._stats = dict(enumerate(out.T))
+        self._count.clear()
+        if self._active:
+            layers = sorted(self._active)
+            flat = torch.cat([self._active[layer].to(self.device, torch.uint8) for layer in layers])
+            all_reduce_max_(flat)  # a unit is active if it is active on any rank
+            sizes = [self._active[layer].numel() for layer in layers]
+            self._active = {layer: part.bool() for layer, part in zip(layers, flat.split(sizes))}

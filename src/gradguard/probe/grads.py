@@ -8,16 +8,14 @@ import numpy as np
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from .distributed import MAX, SUM, ShardPlan, distributed, local
 from .kernels import LARGE, N_STATS, device_stats, host_block, host_stats, host_stats_one, host_sumsq, plan_groups
 from .layers import LayerIndex
 
 STRATEGIES = ("auto", "fused", "hooks")
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+# How each statistic combines over the shards of a tensor: sumsq and nonfinite add up,
+# amax is the largest; the fourth column says whether any rank had the tensor.
+_SHARD_OPS = (SUM, MAX, SUM, MAX)
 
 
 class LayerReducer:
@@ -138,6 +136,10 @@ class GradProbe:
     (its version counter is unchanged). Everything else is measured at :meth:`measure`
     with fused ops. Under a multi-process group the hooks are off: gradients are only
     final after the all-reduce that ends backward.
+
+    Under FSDP2, where parameters and gradients are DTensor shards, each rank measures its
+    local shards and one collective per recorded step (per measurement) combines them, so
+    every rank holds the statistics of the whole tensors.
     """
 
     def __init__(self, index: LayerIndex, device: torch.device, strategy: str = "auto") -> None:
@@ -146,7 +148,10 @@ class GradProbe:
         self.index = index
         self.device = device
         self.reduce = LayerReducer(index, device)
-        self.plan = Plan(index.params, device)
+        on_ranks = distributed()
+        # None on a single process (and under DDP, where every rank holds whole tensors).
+        self._shards = (ShardPlan(index.params) or None) if on_ranks else None
+        self.plan = Plan([local(p) for p in index.params] if self._shards else index.params, device)
         self._cache: dict[int, tuple[torch.Tensor, int, tuple[float, float, float]]] = {}
         self._handles: list[RemovableHandle] = []
         # Off for steps that will not be recorded (every > 1): the hooks then return at once.
@@ -158,7 +163,7 @@ class GradProbe:
         # Only embeddings can have sparse gradients: check just those parameters each step.
         modules = index.modules
         self._sparse = [i for i, layer in enumerate(index.param_layer) if getattr(modules[layer], "sparse", False)]
-        if strategy != "fused" and not _distributed():
+        if strategy != "fused" and not on_ranks:
             limit = 1 if strategy == "hooks" else LARGE
             for i, p in enumerate(index.params):
                 if p.device.type == "cpu" and p.requires_grad and p.numel() >= limit:
@@ -201,7 +206,7 @@ class GradProbe:
                 cached[i] = stats
                 grads[i] = None  # measured already
         self._cache.clear()
-        rows, present = self.plan.stats(grads)
+        rows, present = self._stats(grads)
         _scale_rows(rows, step_scale)
         if cached:
             idx = list(cached)
@@ -226,7 +231,7 @@ class GradProbe:
                 cached[i] = sumsq
                 todo[i] = None
         self._wcache.clear()
-        rows, present = self.plan.stats(todo, norm_only=True)
+        rows, present = self._stats(todo, norm_only=True)
         if cached:
             idx = list(cached)
             if rows.device.type == "cpu":
@@ -240,8 +245,19 @@ class GradProbe:
     @torch.no_grad()
     def measure_norms(self, tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
         """Per-layer L2 norms of per-parameter tensors (weights, updates): float64 [L]."""
-        rows, present = self.plan.stats(tensors, norm_only=True)
+        rows, present = self._stats(tensors, norm_only=True)
         return self.reduce(rows, present)[0]
+
+    def _stats(
+        self, tensors: Sequence[torch.Tensor | None], norm_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plan.stats, with the statistics of sharded tensors combined over their ranks."""
+        if self._shards is None:
+            return self.plan.stats(tensors, norm_only)
+        rows, present = self.plan.stats([None if t is None else local(t) for t in tensors], norm_only)
+        packed = torch.cat([rows, present.to(rows.dtype)[:, None]], dim=1)
+        self._shards.reduce_rows(packed, _SHARD_OPS)
+        return packed[:, :N_STATS].contiguous(), packed[:, N_STATS] > 0
 
     def close(self) -> None:
         for h in self._handles:

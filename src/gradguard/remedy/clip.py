@@ -12,6 +12,11 @@ a tensor holding NaN/inf keeps its non-finite elements (so a guard can still see
 and no finite gradient is changed by the bad value. Stateful clippers never let a
 non-finite norm into their statistics. Everything stays on the device: no host
 synchronisation, no ``.item()``.
+
+Under FSDP2 (``fully_shard``), where gradients are DTensor shards, the norms are global:
+each rank measures its local shards and one collective combines them, so every rank gets
+the same total norm (a plain tensor, not a DTensor) and scales its shards by the same
+factor. Under DDP every rank holds whole, already averaged gradients: nothing to combine.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch.utils._foreach_utils import _has_foreach_support
+
+from ..probe.distributed import SUM, ShardPlan, distributed, local, shard_groups
 
 __all__ = [
     "AutoClip",
@@ -78,8 +85,36 @@ def _check_positive(name: str, value: float | torch.Tensor, allow_zero: bool = F
         raise ValueError(f"{name} must be {need}, got {value!r}")
 
 
+def _on_shards(grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], ShardPlan | None]:
+    """(the local tensors to compute on, the shard plan) for DTensor shards; (grads, None) otherwise."""
+    if not distributed():  # the single-process path: nothing to look at
+        return grads, None
+    plan = ShardPlan(grads)
+    if not plan:
+        return [local(g) for g in grads], None  # replicated DTensors: each rank holds all of it
+    return [local(g) for g in grads], plan
+
+
+def _combine_norms(stacked: torch.Tensor, plan: ShardPlan, norm_type: float) -> torch.Tensor:
+    """Global per-tensor norms from the norms of the local shards (the same on every rank)."""
+    if math.isinf(norm_type):
+        rows = stacked.abs()[:, None].clone()
+        plan.reduce_rows(rows, ("max",))
+        return rows[:, 0]
+    powered = stacked.to(torch.float64)
+    powered = powered if norm_type == 0 else powered**norm_type  # order 0 counts non-zeros: they add up
+    rows = powered[:, None].clone()
+    plan.reduce_rows(rows, (SUM,))
+    out = rows[:, 0] if norm_type == 0 else rows[:, 0] ** (1.0 / norm_type)
+    return out.to(stacked.dtype)
+
+
 def _norms(grads: list[torch.Tensor], norm_type: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-tensor norms stacked on the first device, the total norm) exactly as PyTorch computes them."""
+    """(per-tensor norms stacked on the first device, the total norm) exactly as PyTorch computes them.
+
+    DTensor shards give the norms of the whole tensors (one collective).
+    """
+    grads, plan = _on_shards(grads)
     first = grads[0].device
     norms: list[torch.Tensor] = []
     for (device, _), group in _by_device_and_dtype(grads).items():
@@ -89,6 +124,8 @@ def _norms(grads: list[torch.Tensor], norm_type: float) -> tuple[torch.Tensor, t
         else:
             norms.extend(torch.linalg.vector_norm(g, norm_type) for g in group)
     stacked = torch.stack([n.to(first) for n in norms])
+    if plan is not None:
+        stacked = _combine_norms(stacked, plan, norm_type)
     return stacked, torch.linalg.vector_norm(stacked, norm_type)
 
 
@@ -98,6 +135,8 @@ def _clean_total(stacked: torch.Tensor, norm_type: float) -> torch.Tensor:
 
 
 def _scale_(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
+    if distributed():
+        grads = [local(g) for g in grads]  # scaling each shard in place scales the DTensor
     for (device, _), group in _by_device_and_dtype(grads).items():
         torch._foreach_mul_(group, coef.to(device))
 
@@ -126,6 +165,8 @@ def clip_grad_norm_(
     Same arguments, results and return value as ``torch.nn.utils.clip_grad_norm_`` on
     finite gradients. With NaN/inf present the factor comes from the finite tensors, so the
     bad value does not spread; the returned total norm is still non-finite, as PyTorch's.
+    On FSDP2 DTensor gradients it is the global norm, as a plain 0-d tensor equal on every
+    rank (where PyTorch returns a DTensor that needs ``.full_tensor()``).
     ``error_if_nonfinite=True`` raises instead (this reads the norm: one synchronisation).
     ``foreach`` is accepted for compatibility: fused kernels are used wherever they exist.
     """
@@ -177,6 +218,10 @@ def adaptive_clip_grad_(
     ``exclude=model.fc.parameters()``. A unit whose gradient is non-finite is left as it
     is (its finite elements are not turned into NaN). Returns the fraction of units
     clipped (a 0-d tensor; no synchronisation).
+
+    On FSDP2 DTensor shards (``Shard(0)``: each unit's row lives on one rank) units are
+    clipped where they are; a sharded 1-D parameter is one unit, measured across ranks.
+    The fraction returned counts the units of all ranks.
     """
     _check_positive("clipping", clipping)
     _check_positive("eps", eps)
@@ -186,6 +231,10 @@ def adaptive_clip_grad_(
     params = [p for p in parameters if p.grad is not None and id(p) not in skip]
     if not params:
         return torch.tensor(0.0)
+    if distributed():
+        plan = ShardPlan([p.grad for p in params])  # type: ignore[misc]
+        if plan:
+            return _adaptive_on_shards(params, plan, clipping, eps)
     factors = []
     clipped = []
     for p in params:
@@ -201,6 +250,50 @@ def adaptive_clip_grad_(
     torch._foreach_mul_([p.grad for p in params], factors)  # type: ignore[misc, arg-type]
     flags = torch.cat([c.to(params[0].device) for c in clipped])
     return flags.to(torch.float32).mean()
+
+
+def _adaptive_on_shards(params: list[torch.Tensor], plan: ShardPlan, clipping: float, eps: float) -> torch.Tensor:
+    """AGC on DTensor shards: rows are local, whole-tensor units (1-D) take one collective."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+
+    device = local(params[0]).device
+    groups = [shard_groups(p.grad) for p in params]  # type: ignore[arg-type]
+    whole = []  # sharded parameters that are one unit: their norms come from all ranks
+    for i, (p, gs) in enumerate(zip(params, groups)):
+        if gs and p.dim() <= 1:
+            whole.append(i)
+        elif gs and any(isinstance(pl, Shard) and pl.dim != 0 for pl in p.grad.placements):  # type: ignore[union-attr]
+            raise ValueError(
+                f"adaptive_clip_grad_ needs each unit (row) of a parameter on one rank, but a parameter of "
+                f"shape {tuple(p.shape)} is sharded as {p.grad.placements}: shard it along dim 0 "  # type: ignore[union-attr]
+                "(FSDP2's default) or leave it out with exclude=..."
+            )
+    sq = torch.zeros(len(params), 2, dtype=torch.float64, device=device)
+    for i in whole:
+        w, g = local(params[i].detach()), local(params[i].grad)  # type: ignore[arg-type]
+        sq[i] = torch.stack([torch.linalg.vector_norm(w), torch.linalg.vector_norm(g)]).to(sq) ** 2
+    plan.reduce_rows(sq, (SUM, SUM))
+    norms = sq.sqrt()
+    factors, counts = [], torch.zeros(len(params), 2, dtype=torch.float64, device=device)
+    for i, p in enumerate(params):
+        g = local(p.grad)  # type: ignore[arg-type]
+        if i in whole:
+            w_norm, g_norm = norms[i, 0].clamp_min(eps).reshape(1), norms[i, 1].reshape(1)
+        else:
+            w_norm, g_norm = _unit_norms(local(p.detach())).clamp_min(eps), _unit_norms(g)
+        limit = w_norm * clipping
+        factor = torch.where(torch.isfinite(g_norm) & (g_norm > limit), limit / g_norm.clamp_min(1e-6), 1.0)
+        factors.append(factor.to(g.dtype).to(g.device))
+        share = 1.0
+        if i in whole:  # every rank of the shard groups holds this unit: count 1/k of it on each
+            for grp in groups[i]:
+                share /= dist.get_world_size(grp)
+        counts[i] = torch.stack([(factor < 1).sum().to(counts), counts.new_tensor(float(factor.numel()))]) * share
+    torch._foreach_mul_([local(p.grad) for p in params], factors)  # type: ignore[arg-type]
+    plan.reduce_rows(counts, (SUM, SUM))
+    total = counts.sum(dim=0)
+    return (total[0] / total[1].clamp_min(1)).to(torch.float32)
 
 
 class _Stateful:

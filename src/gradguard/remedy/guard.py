@@ -17,6 +17,10 @@ The check is one fused read of every gradient. With an optimizer that accepts a 
 nothing synchronises: the optimizer skips the update on the device, and events are read
 back in batches (or when ``events``/``skipped`` is read). Other optimizers, and the
 ``"backoff"`` and ``"restore"`` policies, read one flag per step.
+
+Across processes (DDP, FSDP) every rank takes the same decision: the per-parameter flags
+and the loss flag are combined over all ranks (one small all-reduce per step), so a NaN
+loss or gradient shard on one rank makes every rank skip; otherwise ranks would diverge.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..probe.distributed import all_reduce_max_, distributed, local
 from ..probe.layers import find_layers
 
 __all__ = ["GuardEvent", "Localization", "NonFiniteGuard", "localize"]
@@ -107,6 +112,7 @@ class NonFiniteGuard:
         self._base_lrs = [g["lr"] for g in optimizer.param_groups]
         self._snapshot: tuple[list[torch.Tensor], dict[str, Any], list[torch.Tensor]] | None = None
         fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        self._on_ranks = distributed()  # combine the skip decision over the ranks
         self._sync_free = policy == "skip" and scaler is None and fused
         if policy == "restore":
             self._take_snapshot()
@@ -120,6 +126,8 @@ class NonFiniteGuard:
         with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
         if with_grad:
             grads: list[torch.Tensor] = [self.params[i].grad for i in with_grad]  # type: ignore[misc]
+            if self._on_ranks:
+                grads = [local(g) for g in grads]  # FSDP2: this rank's shard of each gradient
             norms: list[torch.Tensor] = [grads[0]] * len(grads)  # filled in parameter order below
             for idx in _by_device_indices(grads).values():  # one fused call per device
                 for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx])):
@@ -131,6 +139,10 @@ class NonFiniteGuard:
             loss_ok = torch.ones((), dtype=torch.bool, device=device)
         else:
             loss_ok = torch.isfinite(torch.as_tensor(loss, device=device)).all()
+        if self._on_ranks:
+            # One rank's NaN (its loss, or the shard of a gradient it holds) is every rank's.
+            flags = all_reduce_max_(torch.cat([bad, (~loss_ok).reshape(1)]).to(torch.uint8))
+            bad, loss_ok = flags[:-1].bool(), flags[-1] == 0
         return bad.any() | ~loss_ok, loss_ok, bad
 
     # -- stepping -----------------------------------------------------------------------
