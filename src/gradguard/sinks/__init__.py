@@ -6,7 +6,8 @@ backend library is imported only when its sink is created.
 
 from __future__ import annotations
 
+from .mlflow import MLflow
 from .tensorboard import TensorBoard
 from .wandb import WandB
 
-__all__ = ["TensorBoard", "WandB"]
+__all__ = ["MLflow", "TensorBoard", "WandB"]
