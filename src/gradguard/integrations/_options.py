@@ -1,0 +1,49 @@
+"""Options the framework integrations share: ``clip=`` and ``guard=``, checked and applied the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..remedy.clip import AutoClip, ClipResult, ZScoreClip, clip_grad_norm_
+from ..remedy.guard import POLICIES
+
+Clip = float | AutoClip | ZScoreClip | Callable[[list[torch.Tensor]], Any]
+
+
+def check_clip(clip: object) -> None:
+    """Raise a clear error unless ``clip`` is None, a positive max_norm, a gradguard clipper or a callable."""
+    if clip is None or isinstance(clip, (AutoClip, ZScoreClip)):
+        return
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool):
+        if not clip > 0:
+            raise ValueError(f"clip as a number is the max_norm of clip_grad_norm_ and must be positive, got {clip!r}")
+        return
+    if not callable(clip):
+        raise TypeError(
+            "clip must be a max_norm (a positive float), a gradguard.AutoClip or gradguard.ZScoreClip, or a "
+            f"callable taking the list of parameters (like gradguard.clip_grad_norm_); got {type(clip).__name__}"
+        )
+
+
+def guard_policy(guard: object) -> str | None:
+    """The NonFiniteGuard policy ``guard=`` asks for: None (off), or one of ``POLICIES``."""
+    if guard is False or guard is None:
+        return None
+    if guard is True:
+        return "skip"
+    if isinstance(guard, str) and guard in POLICIES:
+        return guard
+    raise ValueError(f"guard must be True, False or a NonFiniteGuard policy {POLICIES}, got {guard!r}")
+
+
+def apply_clip(clip: Clip, params: list[torch.Tensor]) -> torch.Tensor | None:
+    """Clip ``params``' gradients in place with ``clip``; returns the total norm before clipping (a tensor)."""
+    if isinstance(clip, (int, float)):
+        return clip_grad_norm_(params, float(clip))
+    result = clip(params)
+    if isinstance(result, ClipResult):
+        return result.total_norm
+    return result if isinstance(result, torch.Tensor) else None
