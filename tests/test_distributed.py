@@ -1,4 +1,7 @@
-"""DDP with 2 real processes on gloo: ranks agree, equal the single-process full batch, rank 0 writes."""
+"""DDP with 2 real processes on gloo: ranks agree, equal the single-process full batch, rank 0 writes.
+
+Activation statistics are pooled over the ranks' batches; the guard's skip decision is the same on all ranks.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import gradguard
+
+ACT_METRICS = ("act_mean", "act_std", "act_saturated", "act_dead")
 
 pytestmark = pytest.mark.slow
 WORLD = 2
@@ -31,7 +36,7 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _train(model, x, y, store, opt_model=None):
     opt = torch.optim.SGD((opt_model or model).parameters(), lr=0.05)
-    with gradguard.watch(model, optimizer=opt, store=store, activations_every=0, weights_every=1) as w:
+    with gradguard.watch(model, optimizer=opt, store=store, activations_every=1, weights_every=1) as w:
         for _ in range(STEPS):
             opt.zero_grad()
             # mean over the local batch; DDP averages across ranks = mean over the full batch
@@ -52,17 +57,35 @@ def _worker(rank: int, port: int, folder: str) -> None:
         ddp = nn.parallel.DistributedDataParallel(_model())
         w = _train(ddp, x[shard], y[shard], os.path.join(folder, f"rank{rank}.db"))
         assert w._grads is None  # closed
-        norms = torch.from_numpy(w.trace.metric("grad_norm"))
-        gathered = [torch.zeros_like(norms) for _ in range(WORLD)]
-        dist.all_gather(gathered, norms)
+        for name in ("grad_norm", *ACT_METRICS):
+            values = torch.from_numpy(w.trace.metric(name))
+            gathered = [torch.zeros_like(values) for _ in range(WORLD)]
+            dist.all_gather(gathered, values)
+            if rank == 0:
+                np.save(os.path.join(folder, f"{name}.npy"), torch.stack(gathered).numpy())
         if rank == 0:
-            np.save(os.path.join(folder, "gathered.npy"), torch.stack(gathered).numpy())
             np.save(os.path.join(folder, "layers.npy"), np.array(w.layers))
+        _guard(ddp, x[shard], y[shard], rank, folder)
         del ddp
         # rank 0 hosts the rendezvous store: nobody leaves before everyone is done with it
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _guard(ddp, x, y, rank: int, folder: str) -> None:
+    """A NaN loss on rank 1 only (its gradients are finite): both ranks must skip, then both step."""
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    guard = gradguard.NonFiniteGuard(opt, model=ddp)
+    changed = []
+    for bad in (True, False):
+        before = [p.detach().clone() for p in ddp.parameters()]
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        loss.backward()
+        guard.step(loss * float("nan") if bad and rank == 1 else loss)
+        changed.append(any(not torch.equal(p, b) for p, b in zip(ddp.parameters(), before)))
+    np.save(os.path.join(folder, f"guard{rank}.npy"), np.array([guard.skipped, *changed]))
 
 
 def _free_port() -> int:
@@ -73,13 +96,24 @@ def _free_port() -> int:
 
 def test_ddp_two_processes(tmp_path):
     mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
-    gathered = np.load(tmp_path / "gathered.npy")
+    gathered = np.load(tmp_path / "grad_norm.npy")
     assert list(np.load(tmp_path / "layers.npy")) == ["0", "2", "4"]  # no "module." prefix
     np.testing.assert_array_equal(gathered[0], gathered[1])  # all ranks agree exactly
     # equal to one process on the full batch
     x, y = _data()
     single = _train(_model(), x, y, store=None)
     np.testing.assert_allclose(gathered[0], single.trace.metric("grad_norm"), rtol=1e-5)
+    # activation statistics: those of the full batch, on every rank (each rank saw half of it);
+    # measured in float32, so a mean near 0 agrees to fp32 rounding of the elements' size (atol)
+    for name in ACT_METRICS:
+        acts = np.load(tmp_path / f"{name}.npy")
+        np.testing.assert_array_equal(acts[0], acts[1], err_msg=name)
+        want = single.trace.metric(name)
+        assert not np.isnan(want).all(), name
+        np.testing.assert_allclose(acts[0], want, rtol=1e-6, atol=1e-7, err_msg=name)
+    # the guard: a NaN loss on rank 1 alone made both ranks skip (no divergence); the clean step stepped
+    for rank in range(WORLD):
+        assert np.load(tmp_path / f"guard{rank}.npy").tolist() == [1, 0, 1]
     # only rank 0 wrote a store
     assert (tmp_path / "rank0.db").exists() and not (tmp_path / "rank1.db").exists()
     stored = gradguard.load(tmp_path / "rank0.db")
