@@ -3,11 +3,15 @@
 Every ``--fault-every`` steps one fault, in rotation: a NaN in the inputs (forward), an
 inf in one gradient element (backward), a NaN loss. Printed: steps, faults injected,
 faults caught (steps the guard skipped), parameters that became non-finite (must be 0),
-store rows lost (steps recorded minus rows in the store; must be 0), resident memory at
-the start, middle and end and its peak, the store's size, and the step time against the
-bare loop (same model, no gradguard, no faults) measured in the same run.
+store rows lost (steps the retention policy promises to keep that are missing; must be
+0), resident memory at the start, 25%, middle and end and its peak, the "memory flat"
+verdict (growth from the 25% point to the end under 5 MiB: by then the bounded history and
+the store's retention have filled, so any further growth is a leak), the store's size
+against its documented bound, and the step time against the bare loop (same model, no
+gradguard, no faults) measured in the same run. Exits 1 on any failed check.
 
-    python benchmarks/soak.py [--steps 20000] [--fault-every 97] [--json] [--quick]
+    python benchmarks/soak.py [--steps 20000] [--fault-every 97] [--history 10000]
+                              [--store-keep 25000] [--json] [--quick]
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -31,8 +36,10 @@ try:
 except ImportError:  # running from a checkout without installing it
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
     import gradguard
+from gradguard.trace_history import CONTEXT
 
 FAULTS = ("nan_input", "inf_grad", "nan_loss")
+TOLERANCE_MIB = 5.0  # "memory flat": RSS growth from the 25% point to the end under this
 
 
 def rss_mib() -> float:
@@ -45,18 +52,25 @@ def rss_mib() -> float:
         return 0.0
 
 
+WIDTH, DEPTH, BATCH, POOL = 32, 6, 32, 256  # small: a step well under a millisecond, so 100k steps take minutes
+
+
 def make_model(seed: int) -> nn.Sequential:
     torch.manual_seed(seed)
-    layers: list[nn.Module] = [nn.Linear(32, 128), nn.ReLU()]
-    for _ in range(6):
-        layers += [nn.Linear(128, 128), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(128, 1))
+    layers: list[nn.Module] = [nn.Linear(16, WIDTH), nn.ReLU()]
+    for _ in range(DEPTH - 2):
+        layers += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(WIDTH, 1))
+
+
+_g = torch.Generator().manual_seed(0)
+_X = torch.randn(POOL, BATCH, 16, generator=_g)
+_Y = _X[:, :, :4].sum(2, keepdim=True)
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(step)
-    x = torch.randn(64, 32, generator=g)
-    return x, x[:, :4].sum(1, keepdim=True)
+    """A batch from a fixed pool made once (making one per step would cost more than the step)."""
+    return _X[step % POOL].clone(), _Y[step % POOL]
 
 
 def bare(steps: int) -> float:
@@ -72,7 +86,7 @@ def bare(steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def soak(steps: int, fault_every: int, store: str) -> dict[str, Any]:
+def soak(steps: int, fault_every: int, store: str, history: int, store_keep: int) -> dict[str, Any]:
     """The guarded, recorded run with faults; returns the figures."""
     model = make_model(0)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -80,8 +94,11 @@ def soak(steps: int, fault_every: int, store: str) -> dict[str, Any]:
     injected = {k: 0 for k in FAULTS}
     fault_steps: list[int] = []
     rss = {"start": rss_mib()}
+    marks = {steps // 4: "quarter", steps // 2: "middle"}
     start = time.perf_counter()
-    with gradguard.watch(model, store=store, overwrite=True, flush_every=100) as w:
+    with gradguard.watch(
+        model, store=store, overwrite=True, flush_every=100, history=history, store_keep=store_keep
+    ) as w:
         for step in range(steps):
             fault = FAULTS[(step // fault_every) % len(FAULTS)] if step % fault_every == fault_every - 1 else None
             x, y = batch(step)
@@ -99,28 +116,53 @@ def soak(steps: int, fault_every: int, store: str) -> dict[str, Any]:
                 fault_steps.append(step)
             w.step(loss=loss)
             guard.step(loss)
-            if step == steps // 2:
-                rss["middle"] = rss_mib()
+            if step in marks:
+                rss[marks[step]] = rss_mib()
     seconds = (time.perf_counter() - start) / steps
     rss["end"] = rss_mib()
     nonfinite = sum(int((~torch.isfinite(p)).sum()) for p in model.parameters())
     with sqlite3.connect(store) as db:
-        rows = db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+        stored = np.array([r[0] for r in db.execute("SELECT step FROM steps ORDER BY step")], dtype=np.int64)
     skipped_steps = sorted({e.step for e in guard.events if e.kind == "step_skipped"})
+    layers = len(w.layers)
     return {
         "steps": steps,
+        "layers": layers,
         "faults_injected": sum(injected.values()),
         "faults_by_kind": injected,
         "faults_caught": len(set(fault_steps) & set(skipped_steps)),
         "steps_skipped": guard.skipped,
         "parameters_nonfinite": nonfinite,
-        "store_rows": rows,
-        "store_rows_lost": len(w.trace) - rows,
+        "history": history,
+        "trace_rows": len(w.trace),
+        "store_keep": store_keep,
+        "store_rows": len(stored),
+        "store_rows_lost": rows_lost(stored, steps, fault_steps, store_keep),
         "store_bytes": os.path.getsize(store),
+        # The bound documented in gradguard.record.store.
+        "store_bound_bytes": int(store_keep * (80 * layers + 40) * 1.5 + 2**20),
         "rss_mib": rss,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "memory_growth_mib": rss["end"] - rss["quarter"],
+        "memory_tolerance_mib": TOLERANCE_MIB,
         "seconds_per_step": seconds,
     }
+
+
+def rows_lost(stored: np.ndarray, steps: int, fault_steps: list[int], keep: int) -> int:
+    """Steps the retention policy promises to keep that are missing from the store.
+
+    The promises (gradguard.trace_history): every step while the run fits in ``keep`` rows;
+    else the last ``keep // 4`` steps, and the earliest anomalies (here: the injected faults,
+    97 steps apart) with CONTEXT steps either side, as many as fit in ``keep // 4`` rows.
+    """
+    if steps <= keep:
+        return steps - len(stored)
+    promised = set(range(steps - keep // 4, steps))
+    width = 2 * CONTEXT + 1
+    for s in fault_steps[: (keep // 4) // width]:
+        promised.update(range(max(0, s - CONTEXT), min(steps, s + CONTEXT + 1)))
+    return len(promised - set(stored.tolist()))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20000)
     ap.add_argument("--fault-every", type=int, default=97)
+    ap.add_argument("--history", type=int, default=10_000, help="watch(history=...): rows kept in memory")
+    ap.add_argument("--store-keep", type=int, default=25_000, help="watch(store_keep=...): rows kept in the store")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="print JSON only")
     ap.add_argument("--quick", action="store_true", help="1,000 steps: a smoke test")
@@ -137,10 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     base = bare(min(args.steps, 2000))
     with tempfile.TemporaryDirectory() as tmp:
-        result = soak(args.steps, args.fault_every, os.path.join(tmp, "soak.db"))
+        result = soak(args.steps, args.fault_every, os.path.join(tmp, "soak.db"), args.history, args.store_keep)
     result["bare_seconds_per_step"] = base
     result["ratio_to_bare"] = result["seconds_per_step"] / base
     result["torch"] = torch.__version__
+    result["memory_flat"] = result["memory_growth_mib"] < TOLERANCE_MIB
+    result["store_within_bound"] = result["store_bytes"] <= result["store_bound_bytes"]
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -149,14 +195,20 @@ def main(argv: list[str] | None = None) -> None:
               f"({', '.join(f'{k} {v}' for k, v in r['faults_by_kind'].items())}), {r['faults_caught']} caught, "
               f"{r['steps_skipped']} steps skipped")
         print(f"parameters non-finite: {r['parameters_nonfinite']}; store rows lost: {r['store_rows_lost']} "
-              f"({r['store_rows']} rows, {r['store_bytes'] / 2**20:.1f} MiB)")
+              f"({r['store_rows']} rows kept of at most {r['store_keep']}; trace {r['trace_rows']} rows of at most "
+              f"{r['history']})")
+        print(f"store {r['store_bytes'] / 2**20:.1f} MiB, bound {r['store_bound_bytes'] / 2**20:.1f} MiB: "
+              f"{'within' if r['store_within_bound'] else 'OVER'}")
         m = r["rss_mib"]
-        print(f"RSS MiB: start {m['start']:.0f}, middle {m.get('middle', 0):.0f}, end {m['end']:.0f}; "
-              f"peak {r['peak_rss_mib']:.0f}")
+        print(f"RSS MiB: start {m['start']:.1f}, 25% {m.get('quarter', 0):.1f}, middle {m.get('middle', 0):.1f}, "
+              f"end {m['end']:.1f}; peak {r['peak_rss_mib']:.1f}")
+        print(f"memory {'flat' if r['memory_flat'] else 'NOT FLAT'}: {r['memory_growth_mib']:+.2f} MiB from the 25% "
+              f"point to the end (tolerance {TOLERANCE_MIB:.0f} MiB)")
         print(f"step time x{r['ratio_to_bare']:.2f} of the bare loop ({r['seconds_per_step'] * 1e3:.2f} ms vs "
               f"{base * 1e3:.2f} ms)")
     ok = result["parameters_nonfinite"] == 0 and result["store_rows_lost"] == 0
     ok = ok and result["faults_caught"] == result["faults_injected"]
+    ok = ok and result["memory_flat"] and result["store_within_bound"]
     sys.exit(0 if ok else 1)
 
 
