@@ -19,7 +19,12 @@ def main() -> None:
 @click.argument("store", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--last", default=20, show_default=True, help="Summarise the last N recorded steps.")
 def summary(store: Path, last: int) -> None:
-    """Per-layer statistics and findings of a recorded run (STORE: a .db store or .npz trace)."""
+    """Per-layer statistics and findings of a recorded run (STORE: a .db store or .npz trace).
+
+    Exit status 2 when STORE is missing or not a readable store or trace.
+    """
+    import sys
+
     from .record import StoreError, load, load_findings
     from .report.terminal import print_summary
 
@@ -29,7 +34,8 @@ def summary(store: Path, last: int) -> None:
         trace = load(store)
         findings = load_findings(store) if not str(store).endswith(".npz") else None
     except (FileNotFoundError, StoreError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(2)
     print_summary(trace, findings, last=last)
 
 
@@ -66,13 +72,20 @@ def report(store: Path, output: Path | None) -> None:
 @click.option("--seed", default=0, show_default=True)
 def demo(depth: int, activation: str, steps: int, store: Path | None, seed: int) -> None:
     """Watch a deep MLP learn scikit-learn's digits and say what went wrong."""
+    import sys
+
     from .demo import run_demo
     from .numerics import flush_denormals
+    from .record import StoreError
 
     if depth < 1 or steps < 1:
         raise click.BadParameter("--depth and --steps must be at least 1")
     with flush_denormals():
-        run_demo(depth=depth, activation=activation, steps=steps, store=store, seed=seed)
+        try:
+            run_demo(depth=depth, activation=activation, steps=steps, store=store, seed=seed)
+        except StoreError as err:  # --store in a missing folder, or a file that is not a store
+            click.echo(f"Error: {err}", err=True)
+            sys.exit(2)
 
 
 @main.command()
@@ -144,7 +157,8 @@ def _lab_options(f):  # noqa: ANN001, ANN202  (click decorators)
     """The options `gradguard lab` and `gradguard lab run` share."""
     f = click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout, and nothing else.")(f)
     f = click.option("--cases", "user", multiple=True, metavar="FILE.py|MODULE",
-                     help="Also load the cases a Python file or module registers (repeatable). Files are executed.")(f)
+                     help="Also load the cases a Python file or module registers (repeatable). FILE is executed as "
+                          "Python code: load only files you trust.")(f)
     f = click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("lab-report"),
                      show_default=True, help="Folder for index.html, results.json and the plots.")(f)
     f = click.option("--seed", default=0, show_default=True, help="Seed of every case: same seed, same numbers.")(f)
@@ -168,7 +182,8 @@ def lab(ctx: click.Context, full: bool, jobs: int | None, seed: int, out: Path, 
 
 
 @lab.command("list")
-@click.option("--cases", "user", multiple=True, metavar="FILE.py|MODULE", help="Also list the cases these register.")
+@click.option("--cases", "user", multiple=True, metavar="FILE.py|MODULE",
+              help="Also list the cases these register. FILE is executed as Python code: load only files you trust.")
 def lab_list(user: tuple[str, ...]) -> None:
     """List the cases, their sources, and which are in the default suite."""
     from .lab.runner import REGISTRY, LabError, load_builtin, load_user
@@ -178,7 +193,8 @@ def lab_list(user: tuple[str, ...]) -> None:
         for spec in user:
             load_user(spec)
     except LabError as err:
-        raise click.ClickException(str(err)) from None
+        click.echo(f"Error: {err}", err=True)
+        raise SystemExit(2) from None
     width = max(len(n) for n in REGISTRY)
     for c in REGISTRY.values():
         flag = " " if c.default else "+"

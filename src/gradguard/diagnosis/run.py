@@ -252,6 +252,11 @@ def _check_args(model: Any, batch: Any, loss_fn: Any, steps: Any) -> tuple[Any, 
 
 def _check_device(index: LayerIndex, x: Any, y: Any) -> None:
     device = index.params[0].device
+    if device.type == "meta":
+        raise ValueError(
+            "the model's parameters are on the meta device and have no values: materialise them first "
+            "(model.to_empty(device='cpu') then initialise, or load_state_dict(state, assign=True))"
+        )
     for what, t in (("inputs", x), ("targets", y)):
         if isinstance(t, torch.Tensor) and t.device != device:
             raise ValueError(f"the {what} are on {t.device} and the model on {device}: move them with .to({device!s})")

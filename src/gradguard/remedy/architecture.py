@@ -402,6 +402,13 @@ class InputStandardizer(nn.Module):
         return cls(mean.to(dtype), std.to(dtype), eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fitted = self.mean.shape  # a 1 there was reduced over (dim=...): any size fits
+        if fitted and (x.dim() < len(fitted) or any(f not in (1, n) for f, n in zip(fitted, x.shape[-len(fitted):]))):
+            # Broadcasting would either fail deep inside torch or, worse, silently mix features.
+            raise ValueError(
+                f"InputStandardizer was fitted on features of shape {tuple(fitted)} (1: any size) but got an input "
+                f"of shape {tuple(x.shape)}: fit it on data shaped like the model's inputs"
+            )
         return (x - self.mean) / (self.std + self.eps)
 
     def extra_repr(self) -> str:
@@ -424,6 +431,15 @@ def prepend_standardizer(
     """
     _check_model(model)
     standardizer = InputStandardizer.fit(data, dim=dim, eps=eps)
+    first = model
+    while isinstance(first, nn.Sequential) and len(first):  # a Sequential runs its first item first
+        first = first[0]
+    features = standardizer.mean.shape[-1] if standardizer.mean.dim() else None
+    if type(first) is nn.Linear and features not in (None, 1, first.in_features):
+        raise ValueError(
+            f"data has {features} features but the model's first layer, {first}, takes {first.in_features}: "
+            "pass data shaped like the model's inputs"
+        )
     target = _target(model, inplace)
     ref = _first_float_tensor(target)
     if ref is not None:

@@ -56,16 +56,31 @@ class ClipResult(NamedTuple):
     max_norm: torch.Tensor
 
 
-def _grads(parameters: Parameters) -> list[torch.Tensor]:
+def _params(parameters: Parameters) -> list[torch.Tensor]:
+    """The parameters as a list, checked: tensors with dense, real gradients (or none)."""
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
-    out = []
-    for p in parameters:
+    if isinstance(parameters, torch.nn.Module):
+        raise TypeError(f"expected parameters, got the module {type(parameters).__name__}: pass model.parameters()")
+    if not isinstance(parameters, Iterable):
+        raise TypeError(
+            f"expected a tensor or an iterable of tensors (model.parameters()), got {type(parameters).__name__}"
+        )
+    out = list(parameters)
+    for p in out:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"expected tensors (parameters), got {type(p).__name__}")
-        if p.grad is not None:
-            out.append(p.grad)
+        if p.grad is not None and p.grad.layout != torch.strided:
+            # As torch.nn.utils: the fused norms and scaling take dense tensors only.
+            raise TypeError(
+                f"a parameter of shape {tuple(p.shape)} has a {p.grad.layout} gradient (nn.Embedding(sparse=True)?): "
+                "clipping takes dense gradients; build the layer with sparse=False, or leave it out"
+            )
     return out
+
+
+def _grads(parameters: Parameters) -> list[torch.Tensor]:
+    return [p.grad for p in _params(parameters) if p.grad is not None]
 
 
 def _by_device_and_dtype(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
@@ -192,7 +207,10 @@ def clip_grad_value_(parameters: Parameters, clip_value: float, foreach: bool | 
     ``torch.nn.utils`` (watch or guard before clipping to see an overflow).
     """
     _check_positive("clip_value", clip_value, allow_zero=True)
-    for group in _by_device_and_dtype(_grads(parameters)).values():
+    grads = _grads(parameters)
+    if any(g.is_complex() for g in grads):
+        raise TypeError("clip_grad_value_ clamps real gradients, and a gradient is complex: use clip_grad_norm_")
+    for group in _by_device_and_dtype(grads).values():
         torch._foreach_clamp_min_(group, -clip_value)
         torch._foreach_clamp_max_(group, clip_value)
 
@@ -225,10 +243,8 @@ def adaptive_clip_grad_(
     """
     _check_positive("clipping", clipping)
     _check_positive("eps", eps)
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
     skip = {id(p) for p in exclude}
-    params = [p for p in parameters if p.grad is not None and id(p) not in skip]
+    params = [p for p in _params(parameters) if p.grad is not None and id(p) not in skip]
     if not params:
         return torch.tensor(0.0)
     if distributed():

@@ -128,6 +128,8 @@ class NonFiniteGuard:
             grads: list[torch.Tensor] = [self.params[i].grad for i in with_grad]  # type: ignore[misc]
             if self._on_ranks:
                 grads = [local(g) for g in grads]  # FSDP2: this rank's shard of each gradient
+            # nn.Embedding(sparse=True): the values hold every element there is (norms take dense tensors).
+            grads = [g.coalesce().values() if g.is_sparse else g for g in grads]
             norms: list[torch.Tensor] = [grads[0]] * len(grads)  # filled in parameter order below
             for idx in _by_device_indices(grads).values():  # one fused call per device
                 for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx])):
@@ -325,6 +327,11 @@ def localize(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"localize expects an nn.Module, got {type(model).__name__}")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "the model's parameters are on the meta device and have no values: materialise them first "
+            "(model.to_empty(device='cpu') then initialise, or load_state_dict(state, assign=True))"
+        )
     names = {id(m): n or "(root)" for n, m in model.named_modules()}
     found: dict[str, Localization] = {}
     handles = []

@@ -390,6 +390,11 @@ def lsuv(model: M, batch: Tensor, *, tol: float = 0.1, max_iter: int = 10) -> M:
             f"lsuv needs the input batch as a torch.Tensor, got {type(batch).__name__}; "
             "pass the tensor your model is called with, e.g. lsuv(model, x) for model(x)."
         )
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "the model's parameters are on the meta device and have no values: materialise them first "
+            "(model.to_empty(device='cpu') then initialise, or load_state_dict(state, assign=True))"
+        )
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}.")
     if max_iter < 1:

@@ -89,6 +89,8 @@ def _penalty(
     _check_weight(weight)
     if isinstance(model_or_params, nn.Module):
         params = _from_module(model_or_params, include_bias)
+    elif not isinstance(model_or_params, (torch.Tensor, Iterable)):
+        raise TypeError(f"expected an nn.Module or tensors (parameters), got {type(model_or_params).__name__}")
     else:
         params = _from_tensors(model_or_params, include_bias)
     if not params:
