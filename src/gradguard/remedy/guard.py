@@ -67,6 +67,11 @@ class NonFiniteGuard:
             good snapshot of model and optimizer, taken every ``snapshot_every`` clean steps).
         scaler: a ``torch.amp.GradScaler`` whose loss scale gradients carry (fp16).
         max_layers: how many non-finite layers an event names.
+        check_params: also check, after each optimizer step, that the parameters and the
+            optimizer's state are finite. A gradient can be finite and the update not (a NaN in
+            Adam's ``exp_avg_sq``): such a step is undone by loading the last good snapshot of
+            model and optimizer (taken every ``snapshot_every`` clean steps; 1 undoes only the
+            bad step) and reported as a skipped step. Reads one flag per step.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class NonFiniteGuard:
         snapshot_every: int = 100,
         scaler: Any = None,
         max_layers: int = 3,
+        check_params: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -102,6 +108,7 @@ class NonFiniteGuard:
         self.restore_after, self.snapshot_every = restore_after, snapshot_every
         self.scaler = scaler
         self.max_layers = max_layers
+        self.check_params = bool(check_params)
         self.names = _param_names(self.params, model)
         self.step_count = 0
         self._events: list[GuardEvent] = []
@@ -111,10 +118,11 @@ class NonFiniteGuard:
         self._clean_run = 0
         self._base_lrs = [g["lr"] for g in optimizer.param_groups]
         self._snapshot: tuple[list[torch.Tensor], dict[str, Any], list[torch.Tensor]] | None = None
+        self._snapshot_step = 0
         fused = getattr(optimizer, "_step_supports_amp_scaling", False)
         self._on_ranks = distributed()  # combine the skip decision over the ranks
-        self._sync_free = policy == "skip" and scaler is None and fused
-        if policy == "restore":
+        self._sync_free = policy == "skip" and scaler is None and fused and not self.check_params
+        if policy == "restore" or self.check_params:
             self._take_snapshot()
 
     # -- the check --------------------------------------------------------------------
@@ -173,7 +181,8 @@ class NonFiniteGuard:
             self._on_bad(step, bool(loss_ok), bad)
         else:
             self.optimizer.step()
-            self._on_clean()
+            if not self._undone(step):
+                self._on_clean()
 
     def _step_with_scaler(self, step: int, loss: torch.Tensor | float | None) -> None:
         from torch.amp.grad_scaler import OptState
@@ -186,10 +195,14 @@ class NonFiniteGuard:
             # GradScaler would skip this step too; the guard says which layer overflowed, and
             # tells the scaler so it backs off its scale (it found inf in the same gradients).
             self._on_bad(step, bool(loss_ok), bad, stepped_by_scaler=True)
+            # The scaler's own flag can be clean (a NaN loss, or a gradient gone bad after unscale_).
+            for found_inf in state["found_inf_per_device"].values():
+                found_inf.fill_(1.0)
             self.scaler.step(self.optimizer)
         else:
             self.scaler.step(self.optimizer)
-            self._on_clean()
+            if not self._undone(step):
+                self._on_clean()
 
     def _on_bad(self, step: int, loss_ok: bool, bad: torch.Tensor, stepped_by_scaler: bool = False) -> None:
         layers = self._layers(bad)
@@ -219,13 +232,46 @@ class NonFiniteGuard:
                 self._events.append(GuardEvent(self.step_count - 1, "lr_recovered", detail={
                     "lr": [g["lr"] for g in self.optimizer.param_groups]}))
             self._clean_run = 0
-        if self.policy == "restore" and self._clean_run % self.snapshot_every == 0:
+        if (self.policy == "restore" or self.check_params) and self._clean_run % self.snapshot_every == 0:
             self._take_snapshot()
+
+    @torch.no_grad()
+    def _undone(self, step: int) -> bool:
+        """check_params: if the step left a parameter or its optimizer state non-finite, undo it."""
+        if not self.check_params:
+            return False
+        tensors: list[torch.Tensor] = []
+        owner: list[int] = []
+        for i, p in enumerate(self.params):
+            for t in (p, *self.optimizer.state.get(p, {}).values()):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+                    tensors.append(local(t) if self._on_ranks else t)  # FSDP2: this rank's shard
+                    owner.append(i)
+        device = self.params[0].device
+        bad_tensor = torch.zeros(len(tensors), dtype=torch.int32, device=device)
+        for idx in _by_device_indices(tensors).values():
+            # The max-abs norm: finite for any finite tensor (an fp16 L2 norm can overflow).
+            norms = torch._foreach_norm([tensors[i] for i in idx], float("inf"))
+            flags = ~torch.isfinite(torch.stack([n.to(device) for n in norms]))
+            bad_tensor[torch.tensor(idx, device=device)] = flags.to(torch.int32)
+        bad = torch.zeros(len(self.params), dtype=torch.int32, device=device)
+        bad.index_add_(0, torch.tensor(owner, device=device), bad_tensor)
+        if self._on_ranks:  # every rank undoes the step, or none
+            bad = all_reduce_max_(bad)
+        if not bool(bad.any()):
+            return False
+        self._restore()
+        self._events.append(GuardEvent(step, "step_skipped", self._layers(bad > 0), True, {
+            "policy": self.policy, "after_step": True, "restored_to_step": self._snapshot_step}))
+        self._bad_run += 1
+        self._clean_run = 0
+        return True
 
     # -- snapshots --------------------------------------------------------------------
     @torch.no_grad()
     def _take_snapshot(self) -> None:
         buffers = [b.detach().clone() for b in self.model.buffers()] if self.model is not None else []
+        self._snapshot_step = self.step_count  # the first step the snapshot has not seen
         self._snapshot = (
             [p.detach().clone() for p in self.params],
             copy.deepcopy(self.optimizer.state_dict()),
