@@ -23,7 +23,9 @@ import contextlib
 import math
 import os
 import platform
+import sqlite3
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -36,6 +38,7 @@ from .detect import Finding, Thresholds, detect
 from .probe.activations import N_ACT, ActivationProbe
 from .probe.grads import STRATEGIES, GradProbe
 from .probe.layers import find_layers
+from .record import on_exit
 from .record.store import DEFAULT_KEEP, Recorder
 from .trace import METRICS, Trace
 from .trace_history import downsample
@@ -149,6 +152,9 @@ class Watch:
             if store is not None and _rank() == 0
             else None
         )
+        self.store_error: Exception | None = None  # why recording to the store stopped, if it did
+        if self._recorder is not None:
+            on_exit.track(self)  # commit the buffered steps at exit and on SIGTERM
         # Like the store, sinks are written by rank 0 only.
         self.sinks: list[Sink] = sinks if _rank() == 0 else []
         self._grads = GradProbe(index, self.device, strategy)
@@ -291,6 +297,7 @@ class Watch:
         return inv, (None if unscaled else inv)
 
     # -- flushing -------------------------------------------------------------------
+    @on_exit.holds_sigterm  # a SIGTERM mid-commit takes effect after it
     def flush(self) -> None:
         """Copy buffered statistics to the host, update findings, and commit to the store."""
         n = len(self._ring_steps)
@@ -312,7 +319,10 @@ class Watch:
         if self.history is not None:
             downsample(self.trace, self.history, protect=[f.step for f in self.findings if f.step is not None])
         if self._recorder is not None:
-            self._recorder.write(steps, values, loss, given, self.findings)
+            try:
+                self._recorder.write(steps, values, loss, given, self.findings)
+            except (sqlite3.Error, OSError) as err:  # a full disk, a lost volume: not a reason to stop training
+                self._stop_recording(err, int(steps[0]))
         if self.sinks:
             rows = Trace(self.layers, self.trace.meta)
             rows.append(steps, values, loss, given)
@@ -322,6 +332,22 @@ class Watch:
     def _detect_rows(self) -> int:
         """How many recent rows the detectors read at a flush (kept whole by ``history``)."""
         return max(self.thresholds.window, self.flush_every) + self.thresholds.growth_min_history
+
+    def _stop_recording(self, err: Exception, step: int) -> None:
+        """Warn once, close the store (it keeps every step committed so far), and go on without it."""
+        assert self._recorder is not None
+        path = self._recorder.path
+        with contextlib.suppress(Exception):  # closing rolls back the failed transaction
+            self._recorder.close()
+        self._recorder = None
+        self.store_error = err
+        warnings.warn(
+            f"gradguard: cannot write to the store {path} ({err}); recording to it stopped at step {step}, "
+            "which it keeps every step before. Training goes on, and Watch.trace keeps recording: save it "
+            "elsewhere with w.trace.save('run.npz').",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def _update_findings(self) -> list[Finding]:
         """Merge this flush's detections into ``self.findings``; returns those seen for the first time."""
@@ -363,6 +389,7 @@ class Watch:
                 self._acts.detach(final=True)
             if self._recorder is not None:
                 self._recorder.close()
+            on_exit.untrack(self)
             for sink in self.sinks:
                 close = getattr(sink, "close", None)
                 if callable(close):

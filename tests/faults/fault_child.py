@@ -1,0 +1,75 @@
+"""A training loop recorded with gradguard.watch(store=...), run as a child process by the fault tests.
+
+    python fault_child.py STORE [--flush-every N] [--steps N (0: until killed)] [--fsize BYTES]
+        [--own-sigterm] [--threads N]
+
+stdout, one JSON line per event, flushed at once:
+  {"step": s}                           after w.step() recorded step s (it is in the Watch now)
+  {"flushed": n, "recording": bool}     after each flush: n rows flushed so far, and whether the
+                                        store took them (so it holds n rows if "recording")
+  {"done": steps, "params_finite": bool, "store_error": str | null}   at a normal end
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import signal
+import sys
+
+import torch
+from torch import nn
+
+
+def say(**kw: object) -> None:
+    print(json.dumps(kw), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("store")
+    ap.add_argument("--flush-every", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=0)
+    ap.add_argument("--fsize", type=int, default=0)
+    ap.add_argument("--own-sigterm", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.fsize:
+        # A full disk: writes past the limit fail with EFBIG (SIGXFSZ ignored, else it kills us).
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize, args.fsize))
+    if args.own_sigterm:
+        signal.signal(signal.SIGTERM, lambda *_: (say(own_handler=True), sys.exit(7)))
+
+    import gradguard
+
+    class Progress:
+        flushed = 0
+
+        def write(self, rows, findings) -> None:
+            Progress.flushed += len(rows)
+            say(flushed=Progress.flushed, recording=w.store_error is None)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(32, 32), nn.Tanh())], nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(16, 32), torch.randn(16, 4)
+    w = gradguard.watch(model, optimizer=opt, store=args.store, flush_every=args.flush_every,
+                        activations_every=4, weights_every=2, sinks=[Progress()])
+    step = 0
+    while args.steps == 0 or step < args.steps:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        w.step(loss=loss)
+        opt.step()
+        say(step=step)
+        step += 1
+    w.close()
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    say(done=step, params_finite=finite, store_error=None if w.store_error is None else str(w.store_error))
+
+
+if __name__ == "__main__":
+    main()
