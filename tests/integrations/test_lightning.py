@@ -1,0 +1,306 @@
+"""GradguardCallback in real Lightning Trainers on CPU, against gradients recomputed without Lightning."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import os
+import subprocess
+import sys
+import warnings
+
+import lightning.pytorch as L
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import gradguard
+from gradguard.integrations.lightning import GradguardCallback
+
+N, D_IN, D_OUT = 64, 6, 3
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D_IN, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, D_OUT)).double()
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(N, D_IN, generator=g, dtype=torch.float64), torch.randint(0, D_OUT, (N,), generator=g)
+
+
+def _loader(batch_size: int) -> DataLoader:
+    return DataLoader(TensorDataset(*_data()), batch_size=batch_size, shuffle=False)
+
+
+class Module(L.LightningModule):
+    """A small float64 classifier; ``nan_batch`` poisons that batch's loss; keeps what the hooks saw."""
+
+    def __init__(self, optimizer: str = "sgd", nan_batch: int | None = None) -> None:
+        super().__init__()
+        self.net = _net()
+        self.optimizer_name = optimizer
+        self.nan_batch = nan_batch
+        self.clipped: list[list[torch.Tensor]] = []
+        self.params_before: list[list[torch.Tensor]] = []
+        self.params_after: list[list[torch.Tensor]] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        if batch_idx == self.nan_batch:
+            loss = loss * float("nan")
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.params_before.append([p.detach().clone() for p in self.parameters()])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.params_after.append([p.detach().clone() for p in self.parameters()])
+
+    def on_before_optimizer_step(self, optimizer):
+        # The LightningModule's hook runs after the callbacks': it sees the gradients as clipped.
+        self.clipped.append([p.grad.clone() for p in self.parameters() if p.grad is not None])
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        return torch.optim.Adam(self.parameters(), lr=0.01, fused=self.optimizer_name == "adam_fused")
+
+
+def _trainer(callbacks, max_steps: int, **kwargs) -> L.Trainer:
+    kwargs.setdefault("logger", False)
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, callbacks=callbacks, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs,
+    )
+
+
+def _layer_norms(net: nn.Module) -> list[float]:
+    """float64 per-layer gradient norms of the Linear layers (weight and bias together)."""
+    out = []
+    for m in net:
+        if isinstance(m, nn.Linear):
+            out.append(float(torch.cat([m.weight.grad.reshape(-1), m.bias.grad.reshape(-1)]).norm()))
+    return out
+
+
+def test_one_row_per_optimizer_step_with_accumulation_and_clipping(tmp_path):
+    steps, batch, accumulate, max_norm = 5, 4, 2, 0.05
+    module = Module()
+    reference = copy.deepcopy(module.net)  # the same initial weights, trained below without Lightning
+    cb = GradguardCallback(clip=max_norm, weights_every=1, flush_every=2, activations_every=0)
+    logger = L.loggers.CSVLogger(str(tmp_path), name="run")
+    trainer = _trainer([cb], steps, accumulate_grad_batches=accumulate, logger=logger, log_every_n_steps=1)
+    trainer.fit(module, _loader(batch))
+
+    # Lightning's loop replayed by hand: each batch's loss divided by the accumulation count,
+    # gradients accumulated, clipped by torch's clip_grad_norm_, then SGD with momentum.
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    x, y = _data()
+    norms, totals, losses, clipped, updates = [], [], [], [], []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = 0.0
+        for micro in range(accumulate):
+            rows = slice((step * accumulate + micro) * batch, (step * accumulate + micro + 1) * batch)
+            part = nn.functional.cross_entropy(reference(x[rows]), y[rows]) / accumulate
+            part.backward()
+            loss += float(part)
+        norms.append(_layer_norms(reference))
+        losses.append(loss)
+        totals.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)))
+        clipped.append([p.grad.clone() for p in reference.parameters()])
+        before = [p.detach().clone() for p in reference.parameters()]
+        opt.step()
+        updates.append([float(torch.cat([(p - b).reshape(-1) for p, b in zip(reference[i].parameters(),
+                        before[2 * k: 2 * k + 2])]).norm()) for k, i in enumerate((0, 2, 4))])
+
+    trace = cb.trace
+    assert trainer.global_step == steps
+    assert list(trace.steps) == list(range(steps))  # one row per optimizer step, not per batch
+    assert trace.layers == ["net.0", "net.2", "net.4"]
+    np.testing.assert_allclose(trace.metric("grad_norm"), norms, rtol=1e-10)  # before clipping
+    np.testing.assert_allclose(trace.loss, losses, rtol=1e-10)  # the accumulated batches' mean loss
+    np.testing.assert_allclose(trace.metric("update_norm"), updates, rtol=1e-8)
+    assert max(totals) > max_norm  # clipping did act
+    for seen, expected in zip(module.clipped, clipped):  # the optimizer got torch's clipped gradients
+        for a, b in zip(seen, expected):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    for p, q in zip(module.net.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
+    # The logged norm is the pre-clip total norm, once per optimizer step.
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        logged = [float(r["gradguard/grad_norm"]) for r in csv.DictReader(f) if r.get("gradguard/grad_norm")]
+    np.testing.assert_allclose(logged, totals, rtol=1e-10)
+    assert float(trainer.callback_metrics["gradguard/grad_norm"]) == pytest.approx(totals[-1], rel=1e-10)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adam_fused"])
+def test_guard_skips_the_step_with_a_nan_loss(optimizer):
+    bad, steps = 3, 6
+    module = Module(optimizer, nan_batch=bad)
+    cb = GradguardCallback(guard=True, flush_every=2, activations_every=0)
+    trainer = _trainer([cb], steps)
+    with pytest.warns(UserWarning) as record:
+        trainer.fit(module, _loader(8))
+    messages = [str(w.message) for w in record]
+
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    for i in range(steps):  # the bad step left every parameter as it was; every other step moved them
+        same = all(torch.equal(a, b) for a, b in zip(module.params_before[i], module.params_after[i]))
+        assert same == (i == bad), i
+    if optimizer != "sgd":  # Adam's state did not count the skipped step either
+        state = trainer.optimizers[0].state[next(module.parameters())]
+        assert int(state["step"]) == steps - 1
+    assert [e.step for e in cb.guard.events if e.kind == "step_skipped"] == [bad]
+    assert float(trainer.callback_metrics["gradguard/skipped_steps"]) == 1
+    assert float(trainer.callback_metrics["gradguard/findings"]) == len(cb.findings) >= 1
+    assert any(f.kind == "nonfinite" and f.step == bad for f in cb.findings)
+    assert any("step_skipped" in m and f"step {bad}" in m for m in messages)
+    assert any("nonfinite" in m for m in messages)
+    assert len(cb.trace) == steps and np.isnan(cb.trace.loss[bad])
+
+
+def test_amp_statistics_are_of_unscaled_gradients():
+    class Capture(Module):
+        def __init__(self):
+            super().__init__()
+            self.net = self.net.float()
+            self.losses: list[float] = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.cross_entropy(self.net(x.float()), y)
+            self.losses.append(float(loss))
+            return loss
+
+    module = Capture()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    cb = GradguardCallback(flush_every=2, activations_every=0)
+    plugin = L.plugins.MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer = _trainer([cb], 3, plugins=[plugin])
+    trainer.fit(module, _loader(8))
+    # The module's hook runs after unscale_ (and nothing clips here): the true gradients.
+    expected = []
+    for grads in module.clipped:
+        expected.append([float(torch.cat([w.reshape(-1), b.reshape(-1)]).double().norm())
+                         for w, b in zip(grads[0::2], grads[1::2])])
+    np.testing.assert_allclose(cb.trace.metric("grad_norm"), expected, rtol=1e-6)
+    np.testing.assert_allclose(cb.trace.loss, module.losses, rtol=1e-6)  # not multiplied by the scale
+
+
+def test_autoclip_instance_and_store(tmp_path):
+    clip = gradguard.AutoClip(percentile=50)
+    cb = GradguardCallback(clip=clip, store=tmp_path / "run.db", flush_every=3, activations_every=2)
+    trainer = _trainer([cb], 4)
+    trainer.fit(Module(), _loader(8))
+    assert int(clip._seen) == 4  # the clipper ran once per optimizer step
+    stored = gradguard.load(tmp_path / "run.db")
+    np.testing.assert_array_equal(stored.metric("grad_norm"), cb.trace.metric("grad_norm"))
+    assert np.isfinite(stored.metric("act_std")[0]).all() and np.isnan(stored.metric("act_std")[1]).all()
+    assert cb.state_dict()["clip"]["seen"] == clip._seen  # checkpointed with the Trainer's callbacks
+
+
+def test_clip_with_gradient_clip_val_is_refused():
+    cb = GradguardCallback(clip=1.0)
+    trainer = _trainer([cb], 2, gradient_clip_val=0.5)
+    with pytest.raises(ValueError, match="gradient_clip_val"):
+        trainer.fit(Module(), _loader(8))
+
+
+def test_guard_alone_works_with_lightning_clipping():
+    cb = GradguardCallback(guard=True, activations_every=0)
+    trainer = _trainer([cb], 3, gradient_clip_val=0.01)
+    module = Module()
+    trainer.fit(module, _loader(8))
+    for grads in module.clipped[:1]:  # Lightning clips after the module's hook: these are unclipped
+        assert float(torch.cat([g.reshape(-1) for g in grads]).norm()) > 0.01
+    assert len(cb.trace) == 3 and cb.guard.skipped == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"clip": "1.0"}, TypeError, "clip must be"),
+        ({"clip": -1.0}, ValueError, "must be positive"),
+        ({"clip": True}, TypeError, "clip must be"),
+        ({"guard": "sometimes"}, ValueError, "guard must be"),
+        ({"every": 0}, ValueError, "every must be a positive integer"),
+        ({"flush_every": 1.5}, ValueError, "flush_every"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GradguardCallback(**kwargs)
+
+
+def test_trace_before_fit_says_why():
+    with pytest.raises(RuntimeError, match="trainer.fit"):
+        _ = GradguardCallback().trace
+
+
+@pytest.mark.slow  # a fresh interpreter importing gradguard
+def test_import_gradguard_does_not_import_lightning():
+    code = "import sys, gradguard; sys.exit(any(m in sys.modules for m in ('lightning', 'pytorch_lightning')))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# -- DDP: two real processes on gloo ---------------------------------------------------------
+
+
+class RankFile:
+    """A sink that leaves one file per rank it was called on (picklable, for ddp_spawn)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def write(self, rows, findings) -> None:
+        import torch.distributed as dist
+
+        with open(os.path.join(self.folder, f"sink-rank{dist.get_rank()}.txt"), "a") as f:
+            f.write(f"{len(rows)}\n")
+
+
+class ShardedModule(Module):
+    """Rank r trains on rows r, r+2, r+4, ... in order (so a step's two shards are consecutive rows)."""
+
+    def train_dataloader(self):
+        sampler = DistributedSampler(TensorDataset(*_data()), num_replicas=2, rank=self.global_rank, shuffle=False)
+        return DataLoader(TensorDataset(*_data()), batch_size=4, sampler=sampler)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_global_norms_and_rank_zero_store(tmp_path):
+    steps, per_rank = 4, 4
+    store = tmp_path / "run.db"
+    cb = GradguardCallback(store=store, sinks=[RankFile(str(tmp_path))], weights_every=1, flush_every=2)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=steps, callbacks=[cb],
+        use_distributed_sampler=False, enable_progress_bar=False, enable_checkpointing=False,
+        enable_model_summary=False, logger=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice on num_workers and the like
+        trainer.fit(ShardedModule())
+
+    # One process on the full batch: rank r's k-th batch holds rows 8k + r + 2j, so the
+    # two together are rows 8k .. 8k+7; DDP averages the two equal-sized batch means.
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x, y = _data()
+    expected = []
+    for step in range(steps):
+        opt.zero_grad()
+        rows = slice(step * 2 * per_rank, (step + 1) * 2 * per_rank)
+        nn.functional.cross_entropy(net(x[rows]), y[rows]).backward()
+        expected.append(_layer_norms(net))
+        opt.step()
+    stored = gradguard.load(store)
+    assert list(stored.steps) == list(range(steps))
+    np.testing.assert_allclose(stored.metric("grad_norm"), expected, rtol=1e-6)
+    assert sorted(p.name for p in tmp_path.glob("sink-rank*")) == ["sink-rank0.txt"]  # rank 0 only
+    assert (tmp_path / "sink-rank0.txt").read_text().split() == ["2", "2"]
