@@ -33,6 +33,21 @@ class Thresholds:
     dead_warning: float = 0.5
     dead_error: float = 0.9
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int":
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+                need = "a positive integer"
+            else:
+                # NaN fails every comparison, so it never passes; 0 or inf turn a rule off.
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+                need = "a non-negative number"
+            if ok and f.name.startswith(("saturation_", "dead_")) and value > 1:
+                ok, need = False, "a fraction in [0, 1]"
+            if not ok:
+                raise ValueError(f"Thresholds.{f.name} must be {need}, got {value!r}")
+
     def with_overrides(self, **overrides: Any) -> Thresholds:
         """A copy with some thresholds changed; unknown names raise ``TypeError``."""
         known = {f.name for f in fields(self)}
