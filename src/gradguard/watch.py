@@ -342,8 +342,8 @@ class Watch:
         self._recorder = None
         self.store_error = err
         warnings.warn(
-            f"gradguard: cannot write to the store {path} ({err}); recording to it stopped at step {step}, "
-            "which it keeps every step before. Training goes on, and Watch.trace keeps recording: save it "
+            f"gradguard: cannot write to the store {path} ({err}); recording to it stopped at step {step} "
+            "(it holds every step before). Training goes on, and Watch.trace keeps recording: save it "
             "elsewhere with w.trace.save('run.npz').",
             RuntimeWarning,
             stacklevel=2,
