@@ -286,3 +286,19 @@ def test_soak_keeps_host_memory_flat(tmp_path):
     assert result["parameters_nonfinite"] == 0 and result["store_rows_lost"] == 0
     assert result["store_bytes"] <= result["store_bound_bytes"]
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_heatmap_of_a_thinned_history_puts_a_spike_at_its_step():
+    from gradguard.report.run import _heatmap
+
+    t, _ = _grow(1000, 30_000, events={1234: "spike", 27_000: "spike"})
+    fig = _heatmap(t, t.metric("grad_norm"), per_element=False)
+    image = fig.axes[0].images[0]
+    data = np.ma.filled(image.get_array(), np.nan)  # [layers, columns]
+    x0, x1, _, _ = image.get_extent()
+    width = (x1 - x0) / data.shape[1]
+    assert (x0, x1) == (0, 30_000)
+    hot = np.flatnonzero(np.nanmax(data, axis=0) == 1e6)
+    # columns are equal spans of steps even though old rows are sparser than recent ones
+    assert [int(x0 + c * width) <= s < int(x0 + (c + 1) * width) + 1 for c, s in zip(hot, (1234, 27_000))] == [True] * 2
+    assert not np.isnan(data).all(axis=0).any()  # no column of the thinned past is empty

@@ -87,9 +87,18 @@ def _heatmap(trace: Trace, rms: np.ndarray, per_element: bool) -> Figure:
     from .html import new_figure
 
     steps = trace.steps
-    starts = _bins(len(steps))
-    # fmax ignores NaN, so a bin is "not measured" only when every step in it is.
-    binned = np.fmax.reduceat(rms, starts, axis=0).T  # [layers, bins]
+    # Columns of equal width in steps, not in rows: a long run's history is thinned (older
+    # steps sparser than recent ones), and the axis must still be steps. A column is at least
+    # as wide as the widest gap between recorded steps, so none is empty for want of a row.
+    # The last column ends one step after the last recorded step, so each column spans its steps.
+    span = int(steps[-1] + 1 - steps[0])
+    gap = int(np.diff(steps).max()) if len(steps) > 1 else 1
+    edges = np.linspace(steps[0], steps[-1] + 1, max(1, min(len(steps), MAX_COLUMNS, span // gap)) + 1)
+    column = np.minimum(np.searchsorted(edges, steps, side="right") - 1, len(edges) - 2)
+    binned = np.full((len(edges) - 1, rms.shape[1]), np.nan)
+    # fmax ignores NaN, so a column is "not measured" only when every step in it is.
+    np.fmax.at(binned, column, rms)
+    binned = binned.T  # [layers, columns]
     finite = binned[np.isfinite(binned) & (binned > 0)]
     n_layers = len(trace.layers)
     fig = new_figure(9.0, min(2.2 + 0.2 * n_layers, 14.0))
@@ -101,8 +110,6 @@ def _heatmap(trace: Trace, rms: np.ndarray, per_element: bool) -> Figure:
         low, high = low / 10, high * 10
     norm = LogNorm(vmin=low, vmax=high)
     shown = np.where(np.isfinite(binned) & (binned <= 0), low / 2, binned)
-    # The last bin ends one step after the last recorded step, so each column spans its steps.
-    edges = np.append(steps[starts], steps[-1] + 1)
     image = ax.imshow(
         np.ma.masked_invalid(shown), aspect="auto", interpolation="nearest", cmap=cmap, norm=norm,
         extent=(float(edges[0]), float(edges[-1]), n_layers - 0.5, -0.5),
