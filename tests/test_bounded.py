@@ -274,17 +274,21 @@ def test_diagnose_keeps_no_reference_to_the_model():
 
 @pytest.mark.slow
 def test_soak_keeps_host_memory_flat(tmp_path):
-    """20,000 guarded, recorded steps with faults: RSS growth from the 25% point to the end under 5 MiB."""
+    """20,000 guarded, recorded steps with faults: RSS growth from the 25% point to the end under 5 MiB.
+
+    history and store_keep are small so that both are full, and thinning, well before the 25% point.
+    """
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, str(script), "--steps", "20000", "--json"], capture_output=True, text=True, env=env,
-        timeout=600,
+        [sys.executable, str(script), "--steps", "20000", "--history", "2000", "--store-keep", "4000", "--json"],
+        capture_output=True, text=True, env=env, timeout=600,
     )
     result = json.loads(out.stdout)
     assert result["memory_growth_mib"] < result["memory_tolerance_mib"] == 5.0, result["rss_mib"]
     assert result["parameters_nonfinite"] == 0 and result["store_rows_lost"] == 0
     assert result["store_bytes"] <= result["store_bound_bytes"]
+    assert result["trace_rows"] <= 2000 and result["store_rows"] <= 4000
     assert out.returncode == 0, out.stderr[-2000:]
 
 
