@@ -171,7 +171,9 @@ class NonFiniteGuard:
             try:
                 self.optimizer.step()
             finally:
-                del self.optimizer.found_inf  # type: ignore[attr-defined]
+                # None, not del: torch's optimizers read getattr(self, "found_inf", None), and a
+                # del inside a torch.compile'd function fails when dynamo replays the setattr.
+                self.optimizer.found_inf = None  # type: ignore[attr-defined]
             self._pending.append((step, any_bad, bad))
             self._loss_flags.append(loss_ok)
             if len(self._pending) >= _PENDING:
