@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -161,6 +162,14 @@ def _lab_options(f):  # noqa: ANN001, ANN202  (click decorators)
                           "Python code: load only files you trust.")(f)
     f = click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("lab-report"),
                      show_default=True, help="Folder for index.html, results.json and the plots.")(f)
+    f = click.option("--address", default=None, metavar="ADDR",
+                     help="With --executor ray: the cluster to join (HOST:PORT, ray://HOST[:PORT] or auto). "
+                          "[default: start a local Ray of --jobs CPUs]")(f)
+    f = click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="Where cases run: local worker processes, or Ray tasks.")(f)
+    f = click.option("--seeds", default=None, metavar="LIST",
+                     help="Run every case once per seed: 0,1,2 or 0-3 (inclusive) or 0-2,7. "
+                          "results.json then holds a run per seed.")(f)
     f = click.option("--seed", default=0, show_default=True, help="Seed of every case: same seed, same numbers.")(f)
     f = click.option("--jobs", default=None, type=click.IntRange(min=1),
                      help="Cases run in parallel processes. [default: the CPU count, at most 4]")(f)
@@ -170,15 +179,16 @@ def _lab_options(f):  # noqa: ANN001, ANN202  (click decorators)
 @main.group(invoke_without_command=True)
 @_lab_options
 @click.pass_context
-def lab(ctx: click.Context, full: bool, jobs: int | None, seed: int, out: Path, user: tuple[str, ...],
-        as_json: bool) -> None:
+def lab(ctx: click.Context, full: bool, jobs: int | None, seed: int, seeds: str | None, executor: str,
+        address: str | None, out: Path, user: tuple[str, ...], as_json: bool) -> None:
     """Reproduce the case studies of vanishing and exploding gradients, checked against their sources.
 
     Without a subcommand, runs the default suite and writes OUT/index.html, OUT/results.json
     and the plots. Exit status 1 when a case does not reproduce its source's claim.
     """
     if ctx.invoked_subcommand is None:
-        _run_lab([], full=full, jobs=jobs, seed=seed, out=out, user=user, as_json=as_json)
+        _run_lab([], full=full, jobs=jobs, seed=seed, seeds=seeds, executor=executor, address=address, out=out,
+                 user=user, as_json=as_json)
 
 
 @lab.command("list")
@@ -205,14 +215,15 @@ def lab_list(user: tuple[str, ...]) -> None:
 @lab.command("run")
 @click.argument("names", nargs=-1, required=True, metavar="CASE...")
 @_lab_options
-def lab_run(names: tuple[str, ...], full: bool, jobs: int | None, seed: int, out: Path, user: tuple[str, ...],
-            as_json: bool) -> None:
+def lab_run(names: tuple[str, ...], full: bool, jobs: int | None, seed: int, seeds: str | None, executor: str,
+            address: str | None, out: Path, user: tuple[str, ...], as_json: bool) -> None:
     """Run the named cases (see `gradguard lab list`)."""
-    _run_lab(list(names), full=full, jobs=jobs, seed=seed, out=out, user=user, as_json=as_json)
+    _run_lab(list(names), full=full, jobs=jobs, seed=seed, seeds=seeds, executor=executor, address=address, out=out,
+             user=user, as_json=as_json)
 
 
-def _run_lab(names: list[str], *, full: bool, jobs: int | None, seed: int, out: Path, user: tuple[str, ...],
-             as_json: bool) -> None:
+def _run_lab(names: list[str], *, full: bool, jobs: int | None, seed: int, seeds: str | None, executor: str,
+             address: str | None, out: Path, user: tuple[str, ...], as_json: bool) -> None:
     import json
     import os
     import sys
@@ -220,35 +231,80 @@ def _run_lab(names: list[str], *, full: bool, jobs: int | None, seed: int, out: 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .lab.runner import LabError, load_builtin, load_user, results_document, run_cases, select, write_outputs
+    from .lab.executors import check_address, require_ray
+    from .lab.runner import (
+        LabError,
+        load_builtin,
+        load_user,
+        parse_seeds,
+        results_document,
+        run_seeds,
+        select,
+        sweep_document,
+        write_outputs,
+        write_sweep_outputs,
+    )
 
+    def fail(message: str) -> NoReturn:
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(2)
+
+    ctx = click.get_current_context()
+    if seeds is not None and ctx.get_parameter_source("seed") is not click.core.ParameterSource.DEFAULT:
+        fail("give --seed or --seeds, not both")
+    if address is not None and executor != "ray":
+        fail("--address is the Ray cluster's address: use it with --executor ray")
     load_builtin()
     try:
         for spec in user:
             load_user(spec)
         cases = select(names)
-    except LabError as err:
-        click.echo(f"Error: {err}", err=True)
-        sys.exit(2)
+        chosen = parse_seeds(seeds) if seeds is not None else [seed]
+        if executor == "ray":
+            require_ray()
+            check_address(address)
+    except (LabError, ImportError) as err:
+        fail(str(err))
     workers = jobs or min(os.cpu_count() or 1, 4)
+    sweep = len(chosen) > 1
+    total = len(cases) * len(chosen)
+    where = f"on Ray at {address}" if address else ("on a local Ray" if executor == "ray" else "")
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=as_json) as bar:
-        task = bar.add_task(f"{len(cases)} cases, {workers} at a time", total=len(cases))
+        parts = [f"{total} runs" if sweep else f"{total} cases", "" if address else f"{workers} at a time", where]
+        task = bar.add_task(", ".join(filter(None, parts)), total=total)
 
         def done(r):  # noqa: ANN001, ANN202
             verdict = "[green]reproduced[/]" if r.passed else ("[red]error[/]" if r.error else "[red]not reproduced[/]")
+            label = f"{r.name} (seed {r.seed})" if sweep else r.name
             if not as_json:
-                bar.console.print(f"{r.name:<34} {verdict}  {r.seconds:5.1f} s")
+                bar.console.print(f"{label:<34} {verdict}  {r.seconds:5.1f} s")
             bar.advance(task)
 
-        results = run_cases(cases, seed=seed, full=full, jobs=workers, user=user, on_done=done)
-    report = write_outputs(results, out, seed=seed, full=full)
-    failed = [r for r in results if not r.passed]
-    if as_json:
-        click.echo(json.dumps(results_document(results, seed=seed, full=full), indent=2))
+        try:
+            runs = run_seeds(cases, chosen, full=full, jobs=workers, user=user, on_done=done, executor=executor,
+                             address=address)
+        except LabError as err:  # Ray could not start or be joined
+            bar.stop()
+            fail(str(err))
+    if sweep:
+        report = write_sweep_outputs(runs, out, full=full)
+        doc = sweep_document(runs, full=full)
     else:
-        click.echo(f"{len(results) - len(failed)} of {len(results)} cases reproduce their source's claim; "
+        report = write_outputs(runs[chosen[0]], out, seed=chosen[0], full=full)
+        doc = results_document(runs[chosen[0]], seed=chosen[0], full=full)
+    failed = [r for rs in runs.values() for r in rs if not r.passed]
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    elif sweep:
+        click.echo(f"{doc['passed']} of {len(cases)} cases reproduce their source's claim under all {len(chosen)} "
+                   f"seeds; report: {report}")
+        for r in failed:
+            click.echo(f"  {r.name} (seed {r.seed}): "
+                       + (r.error.strip().splitlines()[-1] if r.error else "not reproduced"))
+    else:
+        click.echo(f"{len(cases) - len(failed)} of {len(cases)} cases reproduce their source's claim; "
                    f"report: {report}")
         for r in failed:
             click.echo(f"  {r.name}: " + (r.error.strip().splitlines()[-1] if r.error else "not reproduced"))

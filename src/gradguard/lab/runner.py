@@ -3,7 +3,7 @@
 Each case runs single-threaded with denormals flushed to zero (vanishing signals are
 subnormal numbers, many times slower on a CPU) and every random generator seeded, so the
 same seed gives the same numbers. ``results.json`` holds no timings: two runs with one
-seed give identical files.
+seed give identical files, whether the cases ran in local processes or on Ray (``executors``).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ class CaseResult:
     table: tuple[list[str], list[list[Any]]] | None = None
     png: bytes | None = field(default=None, repr=False)
     error: str | None = None
+    seed: int = 0
     seconds: float = 0.0  # shown in the terminal, never written to results.json
 
     def to_json(self) -> dict[str, Any]:
@@ -159,7 +160,7 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-_WORKER_ENV = {"MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+WORKER_ENV = {"MKL_CBWR": "COMPATIBLE", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _blas_single_thread() -> Any:
@@ -202,6 +203,7 @@ def run_case(name: str, seed: int, full: bool, user: Sequence[str] = ()) -> Case
     c = REGISTRY[name]
     result = CaseResult(c.name, c.title, c.group, c.question, c.setup, c.source.citation, c.source.claim,
                         c.source.qualitative)
+    result.seed = seed
     start = time.perf_counter()
     try:
         outcome = run_outcome(name, seed, full)
@@ -223,7 +225,59 @@ def run_case(name: str, seed: int, full: bool, user: Sequence[str] = ()) -> Case
     return result
 
 
+def failed_result(name: str, seed: int, error: str) -> CaseResult:
+    """The result of a case whose worker failed before it could report (a crashed process, a lost Ray task)."""
+    c = REGISTRY[name]
+    return CaseResult(c.name, c.title, c.group, c.question, c.setup, c.source.citation, c.source.claim,
+                      c.source.qualitative, error=error, seed=seed)
+
+
 # -- running many -----------------------------------------------------------------------------------------------------
+def parse_seeds(text: str) -> list[int]:
+    """The seeds of ``--seeds``: a comma-separated list of seeds and inclusive ranges, ``0,1,2``, ``0-3``, ``0-2,7``."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise LabError(f"--seeds {text!r}: {part.strip()!r} is neither a seed (7) nor a range (0-3); "
+                           f"write e.g. --seeds 0,1,2 or --seeds 0-3")
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise LabError(f"--seeds {text!r}: the range {first}-{last} is empty; write it low-high, {last}-{first}")
+        for s in range(first, last + 1):
+            if s in seeds:
+                raise LabError(f"--seeds {text!r}: seed {s} is listed twice")
+            seeds.append(s)
+    return seeds
+
+
+def run_seeds(
+    cases: Iterable[Case],
+    seeds: Sequence[int],
+    *,
+    full: bool = False,
+    jobs: int = 1,
+    user: Sequence[str] = (),
+    on_done: Callable[[CaseResult], None] | None = None,
+    executor: str = "local",
+    address: str | None = None,
+) -> dict[int, list[CaseResult]]:
+    """Run every case once per seed, each run a separate task on ``executor``; per seed, results in case order.
+
+    ``executor``: ``local`` (fresh spawned processes, ``jobs`` at a time) or ``ray`` (Ray
+    tasks on the cluster at ``address``, or on a local Ray of ``jobs`` CPUs). Either way a
+    worker starts with one-thread BLAS/OpenMP pools and MKL's reproducible code path
+    (``MKL_CBWR``, which MKL reads only when it loads: without it MKL picks kernels by
+    memory alignment, and the last bits of a result change from one process to the next).
+    """
+    from .executors import execute  # executors builds on this module
+
+    names = [c.name for c in cases]
+    tasks = [(n, s) for s in seeds for n in names]
+    results = execute(tasks, executor=executor, full=full, jobs=jobs, user=user, address=address, on_done=on_done)
+    return {s: results[i * len(names):(i + 1) * len(names)] for i, s in enumerate(seeds)}
+
+
 def run_cases(
     cases: Iterable[Case],
     *,
@@ -232,36 +286,12 @@ def run_cases(
     jobs: int = 1,
     user: Sequence[str] = (),
     on_done: Callable[[CaseResult], None] | None = None,
+    executor: str = "local",
+    address: str | None = None,
 ) -> list[CaseResult]:
-    """Run cases, ``jobs`` at a time, in fresh worker processes; results in the order given.
-
-    Workers, not this process, so that every run starts from the same state: they are
-    spawned (torch's thread pools do not survive a fork) with one-thread BLAS/OpenMP pools
-    and MKL's reproducible code path (``MKL_CBWR``), which MKL reads only when it loads:
-    without it MKL picks kernels by memory alignment, and the last bits of a result change
-    from one process to the next.
-    """
-    import multiprocessing as mp
-
-    names = [c.name for c in cases]
-    done: dict[str, CaseResult] = {}
-    saved = {var: os.environ.get(var) for var in _WORKER_ENV}
-    os.environ.update(_WORKER_ENV)
-    try:
-        with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(names))), mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(run_case, n, seed, full, tuple(user)): n for n in names}
-            for future in as_completed(futures):
-                n = futures[future]
-                done[n] = future.result()
-                if on_done is not None:
-                    on_done(done[n])
-    finally:
-        for var, value in saved.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
-    return [done[n] for n in names]
+    """Run cases under one seed in fresh worker processes (see :func:`run_seeds`); results in the order given."""
+    return run_seeds(cases, [seed], full=full, jobs=jobs, user=user, on_done=on_done, executor=executor,
+                     address=address)[seed]
 
 
 def results_document(results: Sequence[CaseResult], *, seed: int, full: bool) -> dict[str, Any]:
@@ -286,4 +316,38 @@ def write_outputs(results: Sequence[CaseResult], out: Path, *, seed: int, full: 
     from .report import write_report
 
     return write_report(results, out / "index.html", seed=seed, full=full)
+
+
+def sweep_document(runs: Mapping[int, Sequence[CaseResult]], *, full: bool) -> dict[str, Any]:
+    """The content of results.json for more than one seed: per case the seeds that reproduce, and every run.
+
+    ``passed``/``failed`` count cases that reproduce under every seed / under not every
+    seed; ``reproduced`` maps each case to its number of reproducing seeds; ``runs`` holds,
+    per seed, what a single-seed results.json holds.
+    """
+    first = next(iter(runs.values()))
+    counts = {r.name: sum(rs[i].passed for rs in runs.values()) for i, r in enumerate(first)}
+    return {
+        "seeds": list(runs),
+        "full": full,
+        "passed": sum(n == len(runs) for n in counts.values()),
+        "failed": sum(n < len(runs) for n in counts.values()),
+        "reproduced": counts,
+        "runs": [results_document(rs, seed=s, full=full) for s, rs in runs.items()],
+    }
+
+
+def write_sweep_outputs(runs: Mapping[int, Sequence[CaseResult]], out: Path, *, full: bool) -> Path:
+    """Write ``out/results.json`` (:func:`sweep_document`), ``out/<case>-seed<S>.png`` and ``out/index.html``."""
+    out.mkdir(parents=True, exist_ok=True)
+    doc = sweep_document(runs, full=full)
+    (out / "results.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    for s, rs in runs.items():
+        for r in rs:
+            if r.png is not None:
+                (out / f"{r.name}-seed{s}.png").write_bytes(r.png)
+    from .report import write_report
+
+    first_seed, first = next(iter(runs.items()))
+    return write_report(first, out / "index.html", seed=first_seed, full=full, runs=runs)
 
