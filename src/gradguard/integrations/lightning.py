@@ -260,6 +260,11 @@ class GradguardCallback(_Callback):
             return False
         if bool(any_bad):  # one host read: this optimizer cannot skip on the device
             guard._on_bad(step, bool(loss_ok), bad)
+            if self._scaler is not None:
+                # The scaler skips the step and backs off its scale, also when its own flag was clean (a NaN loss).
+                state = self._scaler._per_optimizer_states[id(self._optimizer)]
+                for found_inf in state["found_inf_per_device"].values():
+                    found_inf.fill_(1.0)
             for p in self._params:
                 p.grad = None  # the optimizer leaves parameters without a gradient untouched
             return True
