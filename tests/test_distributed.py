@@ -118,3 +118,19 @@ def test_ddp_two_processes(tmp_path):
     assert (tmp_path / "rank0.db").exists() and not (tmp_path / "rank1.db").exists()
     stored = gradguard.load(tmp_path / "rank0.db")
     np.testing.assert_allclose(stored.metric("grad_norm"), gathered[0], rtol=0)
+
+
+def test_torchrun_example(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "ddp_torchrun.py"
+    store = tmp_path / "run.db"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(script), "--store", str(store), "--steps", "60"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("60 steps recorded") == 1  # rank 0 alone prints
+    assert "vanishing_gradient" in done.stdout
+    assert len(gradguard.load(store)) == 60
