@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from gradguard.sinks import TensorBoard
-from gradguard.trace import METRICS
+from gradguard.trace import METRICS, Trace
 
 
 def _events(logdir) -> EventAccumulator:
@@ -84,3 +84,17 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown metric"):
         TensorBoard(tmp_path, metrics=["grad_nrom"])
     assert "grad_norm" in METRICS
+
+
+def test_a_finding_without_a_step_is_filed_at_the_flush_last_step(tmp_path):
+    from gradguard.detect import Finding
+
+    rows = Trace(["(root)", "head"])
+    rows.append(np.array([3, 4]), np.ones((2, len(METRICS), 2)), np.array([0.5, 0.25]))
+    sink = TensorBoard(tmp_path)
+    sink.write(rows, [Finding("bad_init_scale", "warning", "weights too large", layer="head")])
+    sink.close()
+    acc = _events(tmp_path)
+    (event,) = acc.Tensors("gradguard/findings/text_summary")
+    assert event.step == 4 and "weights too large" in event.tensor_proto.string_val[0].decode()
+    assert _scalars(acc, "gradguard/grad_norm/(root)") == {3: 1.0, 4: 1.0}

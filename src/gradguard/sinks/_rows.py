@@ -82,8 +82,10 @@ class RowNames:
 
 
 def finding_step(f: Finding, trace: Trace) -> int:
-    """The step a finding is filed under: its own, else the flush's last."""
-    return int(f.step) if f.step is not None else int(trace.steps[-1])
+    """The step a finding is filed under: its own, else the flush's last (0 for an empty flush)."""
+    if f.step is not None:
+        return int(f.step)
+    return int(trace.steps[-1]) if len(trace) else 0
 
 
 def finding_markdown(f: Finding) -> str:
