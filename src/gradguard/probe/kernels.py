@@ -100,8 +100,10 @@ def host_block(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     if block.shape[1] == 0:
         return out
     lo, hi = torch.amin(block, dim=1), torch.amax(block, dim=1)
-    amax = np.maximum(-lo.float().numpy(), hi.float().numpy()).astype(np.float64)
     low = block.dtype in (torch.float16, torch.bfloat16)
+    if low:  # numpy has no bfloat16; float64 must not be rounded to float32 (a max-abs is exact)
+        lo, hi = lo.float(), hi.float()
+    amax = np.maximum(-lo.numpy(), hi.numpy()).astype(np.float64)
     norm = torch.linalg.vector_norm(block, dim=1, dtype=torch.float32 if low else None)
     finite = np.isfinite(amax)
     ok = finite & ((amax == 0) | ((amax >= _SAFE_LO) & (amax <= _safe_hi(block.shape[1]))))
@@ -168,11 +170,14 @@ def host_sumsq(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     ts = [tensors[i] for i in idx]
     ts = [t.float() if _low_precision(t) else t for t in ts]
     norms = torch.stack(torch._foreach_norm(ts)).double().numpy()
-    ok = np.isfinite(norms) & ((norms >= _NORM_SAFE_LO) | (norms == 0))
+    ok = np.isfinite(norms) & (norms >= _NORM_SAFE_LO)
     rows = np.asarray(idx)
     out[rows[ok]] = norms[ok] ** 2
     for j in np.flatnonzero(~ok):
-        out[idx[j]] = _precise(tensors[idx[j]])[0]
+        t = tensors[idx[j]]
+        # A zero norm is exact only for an all-zero tensor (a frozen layer's update): elements of
+        # 1e-23 square to 0 in fp32. any() is one pass without a float64 copy.
+        out[idx[j]] = 0.0 if norms[j] == 0 and not bool(t.any()) else _precise(t)[0]
     return out
 
 

@@ -210,15 +210,17 @@ def clip_grad_value_(parameters: Parameters, clip_value: float, foreach: bool | 
     grads = _grads(parameters)
     if any(g.is_complex() for g in grads):
         raise TypeError("clip_grad_value_ clamps real gradients, and a gradient is complex: use clip_grad_norm_")
-    for group in _by_device_and_dtype(grads).values():
-        torch._foreach_clamp_min_(group, -clip_value)
-        torch._foreach_clamp_max_(group, clip_value)
+    for (_, dtype), group in _by_device_and_dtype(grads).items():
+        # A bound beyond the dtype's range (1e5 in fp16) clips nothing finite; torch would raise on it.
+        limit = min(float(clip_value), torch.finfo(dtype).max)
+        torch._foreach_clamp_min_(group, -limit)
+        torch._foreach_clamp_max_(group, limit)
 
 
 def _unit_norms(t: torch.Tensor) -> torch.Tensor:
     """Norm of each output unit (row of dim 0), keeping dims for broadcasting; whole tensor if <= 1-D."""
     if t.dim() <= 1:
-        return torch.linalg.vector_norm(t).reshape([1] * max(t.dim(), 1))
+        return torch.linalg.vector_norm(t).reshape([1] * t.dim())  # 0-d stays 0-d: a scalar gain is one unit
     return torch.linalg.vector_norm(t, dim=tuple(range(1, t.dim())), keepdim=True)
 
 
