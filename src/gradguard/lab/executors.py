@@ -102,7 +102,13 @@ def _connect(ray: Any, address: str | None, jobs: int) -> None:
         else:
             ray.init(address=address)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise LabError(f"could not {'join Ray at ' + address if address else 'start a local Ray'}: {err}") from None
+        # Ray's ConnectionError says only that it failed; the innermost cause (often a whole traceback, whose last
+        # line counts) says why, e.g. that the cluster wants an authentication token.
+        cause: BaseException = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        why = str(err) if cause is err else f"{err}: {str(cause).strip().splitlines()[-1]}"
+        raise LabError(f"could not {'join Ray at ' + address if address else 'start a local Ray'}: {why}") from None
 
 
 def run_ray(tasks: Sequence[Task], *, full: bool, jobs: int, user: Sequence[str], address: str | None,
