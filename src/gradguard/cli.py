@@ -172,7 +172,8 @@ def _lab_options(f):  # noqa: ANN001, ANN202  (click decorators)
                           "results.json then holds a run per seed.")(f)
     f = click.option("--seed", default=0, show_default=True, help="Seed of every case: same seed, same numbers.")(f)
     f = click.option("--jobs", default=None, type=click.IntRange(min=1),
-                     help="Cases run in parallel processes. [default: the CPU count, at most 4]")(f)
+                     help="Cases run in parallel (processes, or a local Ray's CPUs). "
+                          "[default: the CPU count, at most 4]")(f)
     return click.option("--full", is_flag=True, help="Larger versions with more seeds (slower).")(f)
 
 

@@ -173,6 +173,7 @@ def run_cli(code: str, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=120)
 
 
+@pytest.mark.slow  # a fresh interpreter loads torch and the cases
 @pytest.mark.parametrize("scheme", ["", "ray://"])
 def test_an_address_where_nothing_listens_is_one_error_line_at_once(scheme, tmp_path):
     address = f"{scheme}127.0.0.1:{free_port()}"
