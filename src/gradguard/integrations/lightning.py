@@ -40,9 +40,10 @@ from typing import Any
 import torch
 
 from ..detect import Finding, Thresholds
+from ..probe.distributed import distributed, gather_rows
 from ..remedy.clip import AutoClip, ClipResult, ZScoreClip, clip_grad_norm_
 from ..remedy.guard import _PENDING, POLICIES, NonFiniteGuard
-from ..watch import Sink, Watch, _positive_int, _wide
+from ..watch import _G, _W, Sink, Watch, _positive_int, _wide
 
 __all__ = ["GradguardCallback"]
 
@@ -92,6 +93,12 @@ def _policy(guard: object) -> str | None:
     if isinstance(guard, str) and guard in POLICIES:
         return guard
     raise ValueError(f"guard must be True, False or a NonFiniteGuard policy {POLICIES}, got {guard!r}")
+
+
+def _has_fsdp1(model: Any) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, torch.nn.Module) and any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
 class GradguardCallback(_Callback):
@@ -154,6 +161,7 @@ class GradguardCallback(_Callback):
         self._loss: torch.Tensor | None = None
         self._hook: Any = None
         self._trace_len = 0
+        self._flat_shards = False  # FSDP1: every rank holds a flat shard of each layer
         self._warned_findings = 0
         self._warned_events = 0
 
@@ -191,6 +199,12 @@ class GradguardCallback(_Callback):
         strategy = type(trainer.strategy).__name__
         if "DeepSpeed" in strategy:
             raise ValueError("GradguardCallback does not support DeepSpeed, which keeps its own gradient buffers")
+        self._flat_shards = distributed() and _has_fsdp1(trainer.model)
+        if self._flat_shards and self.clip is not None:
+            raise ValueError(
+                "GradguardCallback(clip=...) under FSDP would clip each rank's shard by its own norm: use the "
+                "Trainer's gradient_clip_val (FSDP's clip_grad_norm_ of the global norm) and drop clip="
+            )
         optimizer = trainer.optimizers[0]
         self._optimizer = optimizer
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -219,6 +233,8 @@ class GradguardCallback(_Callback):
         loss, self._loss = self._loss, None
         flushed_before = len(watch.trace)
         watch.step(loss=loss)
+        if self._flat_shards:
+            self._globalize(watch, weights=True)
         self._snapshot(watch)
         skipped = self._guard(loss) if self.guard is not None else False
         if self.clip is not None and not skipped:
@@ -241,6 +257,34 @@ class GradguardCallback(_Callback):
         watch = self.watch
         if watch is not None and not watch.closed and watch._before is not None:
             watch._post_optimizer(optimizer, args, kwargs)
+            if self._flat_shards:
+                self._globalize(watch, weights=False)
+
+    @torch.no_grad()
+    def _globalize(self, watch: Watch, weights: bool) -> None:
+        """FSDP1: turn this step's per-rank shard statistics into whole-layer ones (every rank)."""
+        if not watch._ring_steps or watch._ring_steps[-1] != watch._calls - 1:
+            return  # this step was not recorded
+        row = watch._ring[len(watch._ring_steps) - 1]
+        # Sums of squares and non-finite counts add up over the shards, max-abs takes the maximum;
+        # a layer is missing (NaN) only where no rank holds a piece of it.
+        norms = [row[_W]] if weights else [row[_W + 1]]
+        if weights:
+            norms.insert(0, row[_G])
+        parts = [torch.stack([torch.nan_to_num(n, nan=0.0) ** 2, (~torch.isnan(n)).double()]) for n in norms]
+        extra = torch.nan_to_num(row[_G + 1 : _G + 3], nan=0.0) if weights else row[:0]
+        gathered = gather_rows(torch.cat([*parts, extra]))  # [world, k, L], in rank order
+        summed = gathered.sum(dim=0)
+        out = [torch.where(summed[2 * i + 1] > 0, summed[2 * i].sqrt(), torch.nan) for i in range(len(norms))]
+        if weights:
+            present = summed[1] > 0
+            row[_G] = out[0]
+            row[_G + 1] = torch.where(present, gathered[:, 4].amax(dim=0), torch.nan)
+            row[_G + 2] = torch.where(present, summed[5], torch.nan)
+            row[_W] = out[1]
+        else:
+            row[_W + 1] = out[0]
+            row[_W + 2] = out[0] / row[_W]
 
     def _guard(self, loss: torch.Tensor | None) -> bool:
         """Check this step as NonFiniteGuard does; returns True when it is skipped here (known on the host)."""

@@ -1,0 +1,170 @@
+"""Step-time overhead of ``GradguardCallback`` in a Lightning ``Trainer.fit``, as a ratio to the bare fit.
+
+Each variant trains its own identical copy of a 4.2M-parameter MLP (4 x 1024 ReLU layers,
+batch 64, SGD) on the same generated data. In every round each variant runs one fit of
+``--steps`` optimizer steps, in a seeded shuffled order; a timing callback measures every
+step from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, the hooks,
+the optimizer step) after ``WARMUP`` steps. A round's ratio is the median step time of the
+variant over the bare one's; the median ratio over rounds is reported with its
+interquartile range. Variants: ``bare`` (no callback), ``gradguard`` (the callback with
+its defaults: every step recorded, weights every 10, activations every 50, a flush every
+50), ``guarded`` (also ``clip=1.0, guard=True``, logging the clip norm every step).
+
+    python benchmarks/overhead_lightning.py [--rounds 15] [--steps 60] [--json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import sys
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+try:
+    import gradguard  # noqa: F401
+except ImportError:  # running from a checkout without installing it
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
+
+import lightning.pytorch as L
+
+from gradguard.integrations.lightning import GradguardCallback
+
+WARMUP = 3
+SEED = 0
+WIDTH, DEPTH, BATCH = 1024, 4, 64
+VARIANTS = ("bare", "gradguard", "guarded")
+
+
+class MLP(L.LightningModule):
+    """A plain ReLU MLP classifier trained with SGD."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for _ in range(DEPTH):
+            layers += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(WIDTH, 10))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-4)
+
+
+class StepTimer(L.Callback):
+    """Times every training step after the warm-up ones."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t0 = 0.0
+        self._seen = 0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._t0
+        self._seen += 1
+        if self._seen > WARMUP:
+            self.times.append(elapsed)
+
+
+def _callbacks(variant: str) -> list[Any]:
+    if variant == "bare":
+        return []
+    if variant == "gradguard":
+        return [GradguardCallback()]
+    return [GradguardCallback(clip=1.0, guard=True)]
+
+
+def _fit(module: MLP, loader: DataLoader, variant: str, steps: int) -> list[float]:
+    timer = StepTimer()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps + WARMUP, callbacks=[timer, *_callbacks(variant)],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, loader)
+    return timer.times
+
+
+def measure(rounds: int, quick: bool) -> dict[str, Any]:
+    """Interleaved rounds of the three variants; returns step times (s), ratios and their spread."""
+    steps = 5 if quick else 60
+    rounds = min(rounds, 2) if quick else rounds
+    torch.set_num_threads(1)  # two shared cores: one thread is faster and steadier
+    torch.manual_seed(SEED)
+    base = MLP()
+    modules = {v: copy.deepcopy(base) for v in VARIANTS}
+    g = torch.Generator().manual_seed(SEED)
+    n = BATCH * (steps + WARMUP)
+    data = TensorDataset(torch.randn(n, WIDTH, generator=g), torch.randint(0, 10, (n,), generator=g))
+    loader = DataLoader(data, batch_size=BATCH, shuffle=False)
+    order = random.Random(SEED)
+    medians: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice on num_workers and the like
+        for _ in range(rounds):
+            variants = list(VARIANTS)
+            order.shuffle(variants)
+            for v in variants:
+                medians[v].append(float(np.median(_fit(modules[v], loader, v, steps))))
+    bare = np.array(medians["bare"])
+    out: dict[str, Any] = {
+        "model": f"mlp{DEPTH}x{WIDTH}",
+        "parameters": sum(p.numel() for p in base.parameters()),
+        "batch": BATCH,
+        "rounds": rounds,
+        "steps_per_round": steps,
+        "threads": torch.get_num_threads(),
+        "bare_step_s": float(np.median(bare)),
+    }
+    for v, key in (("gradguard", "gradguard"), ("guarded", "guarded")):
+        ratios = np.array(medians[v]) / bare
+        out[f"{key}_step_s"] = float(np.median(medians[v]))
+        out["ratio" if v == "gradguard" else "guarded_ratio"] = float(np.median(ratios))
+        q1, q3 = np.percentile(ratios, [25, 75])
+        out[f"{key}_ratio_iqr"] = [float(q1), float(q3)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
+    ap.add_argument("--json", action="store_true", help="print a JSON object instead of a summary")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 2 rounds of 5 steps")
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be positive")
+    result = measure(args.rounds, args.quick)
+    result["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__,
+                         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+        return
+    print(f"{result['model']} ({result['parameters']:,} parameters), batch {result['batch']}, "
+          f"{result['rounds']} rounds x {result['steps_per_round']} steps, {result['threads']} thread(s)")
+    print(f"  bare       {result['bare_step_s'] * 1e3:8.2f} ms/step")
+    for key, ratio in (("gradguard", "ratio"), ("guarded", "guarded_ratio")):
+        lo, hi = result[f"{key}_ratio_iqr"]
+        print(f"  {key:10s} {result[f'{key}_step_s'] * 1e3:8.2f} ms/step  ratio {result[ratio]:.3f} "
+              f"(IQR {lo:.3f}-{hi:.3f})")
+
+
+if __name__ == "__main__":
+    main()
