@@ -47,6 +47,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+# Wrapper modules that FSDP1 and activation checkpointing insert between a module and its
+# children: their attribute names are not part of the user's layer names.
+_WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def _clean(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
 def find_layers(model: nn.Module) -> LayerIndex:
     """Index the layers of ``model``; raises ``ValueError`` when it has no parameters."""
     if not isinstance(model, nn.Module):
@@ -63,7 +72,8 @@ def find_layers(model: nn.Module) -> LayerIndex:
     param_names: list[str] = []
     param_layer: list[int] = []
     numel: list[int] = []
-    for mod_name, module in model.named_modules(remove_duplicate=True):
+    for raw_name, module in model.named_modules(remove_duplicate=True):
+        mod_name = _clean(raw_name)
         own = [(n, p) for n, p in module._parameters.items() if p is not None]
         own = [(n, p) for n, p in own if id(p) not in seen]
         if not own:
