@@ -29,11 +29,18 @@ loss by the running mean. So ``attach(trainer)`` wraps two overridable points of
    in a step (older versions with ``max_grad_norm=0``, where nothing clips), the step is
    recorded in ``on_pre_optimizer_step`` instead, still before any clipping.
 
+The alternatives were worse: asking for ``max_grad_norm=0`` and clipping in
+``on_pre_optimizer_step`` leaves the loss unseen and records after clipping whenever a user
+forgets the setting; a ``Trainer`` subclass makes users change their class and would
+override the private ``_clip_grad_norm``.
+
 With ``guard=``, the torch optimizer's ``step`` goes through a :class:`gradguard.NonFiniteGuard`
 for the length of ``train()``: a step whose loss or gradients are not finite is skipped
 (with the Trainer's default fused AdamW, on the device, without synchronising). The
 learning-rate schedule still advances. Under fp16 AMP the ``GradScaler`` already skips such
-steps and the guard stays off.
+steps and the guard stays off. The guard checks the gradients after clipping: the
+Trainer's clipping spreads one NaN to every gradient, so its events may name every layer;
+the Trace, taken before clipping, counts the non-finite values of each layer as they were.
 
 The callback puts itself first among the Trainer's callbacks, so the values it adds to
 the logs in ``on_log`` reach every ``report_to`` integration; they are also added to
@@ -44,8 +51,8 @@ the last log: NaN if a step's loss was NaN), ``gradguard/nonfinite_loss_steps``,
 ``gradguard/skipped_steps`` (with a guard) and, per layer, ``gradguard/<metric>/<layer>``
 for each of ``log_metrics`` (their last measured values). New findings and guard events
 are raised as warnings. The Trace and the store hold every optimizer step; Trace step
-``k`` is the ``k``-th optimizer step of this ``train()`` call (``global_step - 1`` in a run
-that did not resume). DeepSpeed, which clips inside its engine, is not supported.
+``k`` is optimizer step ``k`` (from 0) of this ``train()`` call, i.e. ``global_step - 1``
+in a run that did not resume. DeepSpeed, which clips inside its engine, is not supported.
 """
 
 from __future__ import annotations
