@@ -57,7 +57,8 @@ def _sink(kind: str, tmpdir: str, stack: ExitStack) -> Any:
         import mlflow
 
         mlflow.set_tracking_uri("sqlite:///" + os.path.join(tmpdir, "mlflow.db"))
-        run = mlflow.start_run()
+        experiment = mlflow.create_experiment("gradguard-sinks", artifact_location=os.path.join(tmpdir, "artifacts"))
+        run = mlflow.start_run(experiment_id=experiment)
         stack.callback(mlflow.end_run)
         return MLflow(run.info.run_id)
     raise SystemExit(f"unknown sink {kind!r}; choose from {', '.join(SINKS)}")

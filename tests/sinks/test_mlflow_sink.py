@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import mlflow
 import numpy as np
@@ -18,10 +19,15 @@ from gradguard.trace import METRICS, Trace
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory):
     """One SQLite tracking store for the module (creating its tables takes ~7 s, hence the slow marks)."""
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri("sqlite:///" + str(tmp_path_factory.mktemp("mlflow") / "mlflow.db"))
-    yield MlflowClient()
-    mlflow.set_tracking_uri(before)
+    before, cwd = mlflow.get_tracking_uri(), os.getcwd()
+    folder = tmp_path_factory.mktemp("mlflow")
+    mlflow.set_tracking_uri("sqlite:///" + str(folder / "mlflow.db"))
+    os.chdir(folder)  # the Default experiment keeps artifacts in ./mlruns: not in the checkout
+    try:
+        yield MlflowClient()
+    finally:
+        os.chdir(cwd)
+        mlflow.set_tracking_uri(before)
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
