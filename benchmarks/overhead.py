@@ -9,7 +9,7 @@ variant keeps one Watch open across all its blocks, so flushes and activation sa
 happen at their real rate; creating and closing it are not timed.
 
     python benchmarks/overhead.py [--models mlp20x512,transformer,mlp1000x64]
-        [--rounds 15] [--steps 10] [--json] [--threads N] [--quick]
+        [--rounds 15] [--steps 10] [--json] [--threads N] [--quick] [--integrations lightning,transformers]
 """
 
 from __future__ import annotations
@@ -288,6 +288,40 @@ def print_table(rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
         )
 
 
+INTEGRATIONS = ("lightning", "transformers")
+
+
+def integration_rows(names: str, rounds: int, quick: bool, skipped: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Each trainer path (benchmarks/overhead_<name>.py) timed with and without gradguard's callback."""
+    import importlib
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    out = []
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        if name not in INTEGRATIONS:
+            raise SystemExit(f"unknown integration {name!r}; choose from {', '.join(INTEGRATIONS)}")
+        try:
+            module = importlib.import_module(f"overhead_{name}")
+        except ImportError as err:  # the trainer library is an optional extra
+            skipped.append({"variant": name, "reason": str(err)})
+            continue
+        out.append({"integration": name, **module.measure(rounds, quick)})
+    return out
+
+
+def print_integrations(rows: list[dict[str, Any]]) -> None:
+    """Trainer paths: step time with and without the callback."""
+    if not rows:
+        return
+    print()
+    header = f"{'trainer':<14} {'bare ms/step':>13} {'gradguard ms/step':>18} {'ratio':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['integration']:<14} {1e3 * r['bare_step_s']:>13.2f} {1e3 * r['gradguard_step_s']:>18.2f} "
+              f"{r['ratio']:>7.3f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -298,6 +332,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     ap.add_argument("--quick", action="store_true", help="smoke test: 3 rounds of 3 steps")
     ap.add_argument("--variants", default=None, help="comma-separated variants to run (bare always runs)")
+    ap.add_argument(
+        "--integrations", default="lightning,transformers",
+        help="trainer paths to time with and without gradguard's callback (comma-separated; '' for none)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 3, 3
@@ -312,14 +350,17 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     for name in models:
         rows += bench_model(name, args.rounds, args.steps, skipped, only)
+    integrations = integration_rows(args.integrations, args.rounds, args.quick, skipped)
     info = machine(args.rounds, args.steps)
     for s in skipped:
         print(f"skipped {s['variant']}: {s['reason']}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
-        json.dump({"machine": info, "results": rows, "skipped": skipped}, sys.stdout, indent=2)
+        json.dump({"machine": info, "results": rows, "integrations": integrations, "skipped": skipped},
+                  sys.stdout, indent=2)
         print()
     else:
         print_table(rows, info)
+        print_integrations(integrations)
 
 
 if __name__ == "__main__":
