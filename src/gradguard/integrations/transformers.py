@@ -193,15 +193,26 @@ class GradguardCallback(TrainerCallback):  # type: ignore[misc]
         callbacks.insert(0, self)
 
         training_step = trainer.training_step
+        accelerator = trainer.accelerator
 
         def training_step_and_loss(*args: Any, **kwargs: Any) -> Any:
-            loss = training_step(*args, **kwargs)
-            if self.watch is not None and isinstance(loss, torch.Tensor):
+            watch = self.watch
+            if watch is None or watch.closed:
+                return training_step(*args, **kwargs)
+            probe = watch._grads
+            armed = probe.armed
+            # Only the last micro-batch's backward leaves the gradient that is recorded: the
+            # in-backward statistics of the others would be thrown away, so they are not taken.
+            probe.armed = armed and accelerator.sync_gradients
+            try:
+                loss = training_step(*args, **kwargs)
+            finally:
+                probe.armed = armed
+            if isinstance(loss, torch.Tensor):
                 loss = loss.detach()
                 self._loss = loss if self._loss is None else self._loss + loss
             return loss
 
-        accelerator = trainer.accelerator
         clip_grad_norm = accelerator.clip_grad_norm_
 
         def record_and_clip(parameters: Any, max_norm: float, norm_type: float = 2, **kwargs: Any) -> Any:
