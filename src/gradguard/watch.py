@@ -39,6 +39,7 @@ from .probe.activations import N_ACT, ActivationProbe
 from .probe.grads import STRATEGIES, GradProbe
 from .probe.layers import find_layers
 from .record import on_exit
+from .record.background import SinkWriter
 from .record.store import DEFAULT_KEEP, Recorder
 from .trace import METRICS, Trace
 from .trace_history import downsample
@@ -157,6 +158,7 @@ class Watch:
             on_exit.track(self)  # commit the buffered steps at exit and on SIGTERM
         # Like the store, sinks are written by rank 0 only.
         self.sinks: list[Sink] = sinks if _rank() == 0 else []
+        self._sink_writer = SinkWriter(self.sinks) if self.sinks else None
         self._grads = GradProbe(index, self.device, strategy)
         self._acts = (
             ActivationProbe(model, index, self.device, dead_window=dead_window, persistent=_is_compiled(model))
@@ -299,7 +301,10 @@ class Watch:
     # -- flushing -------------------------------------------------------------------
     @on_exit.holds_sigterm  # a SIGTERM mid-commit takes effect after it
     def flush(self) -> None:
-        """Copy buffered statistics to the host, update findings, and commit to the store."""
+        """Copy buffered statistics to the host, update findings, commit to the store, queue for the sinks.
+
+        Sinks are written on a background thread (``close()`` waits for them).
+        """
         n = len(self._ring_steps)
         if n == 0:
             return
@@ -323,11 +328,10 @@ class Watch:
                 self._recorder.write(steps, values, loss, given, self.findings)
             except (sqlite3.Error, OSError) as err:  # a full disk, a lost volume: not a reason to stop training
                 self._stop_recording(err, int(steps[0]))
-        if self.sinks:
+        if self._sink_writer is not None:
             rows = Trace(self.layers, self.trace.meta)
             rows.append(steps, values, loss, given)
-            for sink in self.sinks:
-                sink.write(rows, new)
+            self._sink_writer.submit(rows, new)
 
     def _detect_rows(self) -> int:
         """How many recent rows the detectors read at a flush (kept whole by ``history``)."""
@@ -390,10 +394,8 @@ class Watch:
             if self._recorder is not None:
                 self._recorder.close()
             on_exit.untrack(self)
-            for sink in self.sinks:
-                close = getattr(sink, "close", None)
-                if callable(close):
-                    close()
+            if self._sink_writer is not None:
+                self._sink_writer.close()  # every queued flush is written first
             # Drop every reference to the model, its parameters and optimizer: the Trace
             # and findings outlive them, the model can be garbage-collected.
             self._grads = None  # type: ignore[assignment]
@@ -461,7 +463,9 @@ def watch(
         dead_window: how many sampled batches a unit must stay inactive to count as dead.
         sinks: where else each flush goes (rank 0 only): objects with ``write(rows, findings)``
             and optionally ``close()``, such as ``gradguard.sinks.TensorBoard(...)``; ``rows`` is a
-            :class:`Trace` of the flushed steps, ``findings`` those first seen in this flush.
+            :class:`Trace` of the flushed steps, ``findings`` those first seen in this flush. They are
+            written on a background thread, in order, so a slow tracker does not stall training;
+            ``close()`` waits for them, and a sink that raises is dropped with a warning.
         history: the most rows ``Watch.trace`` holds in host memory (default 10,000, or 4 times
             the rows the detectors read if that is more; ``None`` keeps every row). Past it the
             trace is thinned to 3/4 of it: the last quarter at full resolution; non-finite steps
