@@ -101,7 +101,7 @@ def _fit(module: MLP, loader: DataLoader, variant: str, steps: int) -> list[floa
     return timer.times
 
 
-def measure(rounds: int, quick: bool) -> dict[str, Any]:
+def measure(rounds: int, quick: bool, batch: int = BATCH) -> dict[str, Any]:
     """Interleaved rounds of the three variants; returns step times (s), ratios and their spread."""
     steps = 5 if quick else 60
     rounds = min(rounds, 2) if quick else rounds
@@ -110,9 +110,9 @@ def measure(rounds: int, quick: bool) -> dict[str, Any]:
     base = MLP()
     modules = {v: copy.deepcopy(base) for v in VARIANTS}
     g = torch.Generator().manual_seed(SEED)
-    n = BATCH * (steps + WARMUP)
+    n = batch * (steps + WARMUP)
     data = TensorDataset(torch.randn(n, WIDTH, generator=g), torch.randint(0, 10, (n,), generator=g))
-    loader = DataLoader(data, batch_size=BATCH, shuffle=False)
+    loader = DataLoader(data, batch_size=batch, shuffle=False)
     order = random.Random(SEED)
     medians: dict[str, list[float]] = {v: [] for v in VARIANTS}
     with warnings.catch_warnings():
@@ -126,7 +126,7 @@ def measure(rounds: int, quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model": f"mlp{DEPTH}x{WIDTH}",
         "parameters": sum(p.numel() for p in base.parameters()),
-        "batch": BATCH,
+        "batch": batch,
         "rounds": rounds,
         "steps_per_round": steps,
         "threads": torch.get_num_threads(),
@@ -147,10 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     ap.add_argument("--json", action="store_true", help="print a JSON object instead of a summary")
     ap.add_argument("--quick", action="store_true", help="smoke test: 2 rounds of 5 steps")
+    ap.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH})")
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be positive")
-    result = measure(args.rounds, args.quick)
+    result = measure(args.rounds, args.quick, args.batch)
     result["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__,
                          "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     if args.json:
