@@ -337,12 +337,14 @@ class GradguardCallback(_Callback):
         counts = {f"{self.prefix}findings": float(len(findings))}
         if self.guard is not None:
             events = self.guard.events  # reads pending skip flags back (one synchronisation)
-            for e in events[self._warned_events :]:
+            # events holds only the last max_events: the new ones are its tail
+            new = min(self.guard.events_total - self._warned_events, len(events))
+            for e in events[len(events) - new :]:
                 where = f" (non-finite in {', '.join(e.layers)})" if e.layers else ""
                 loss = "" if e.loss_finite else " (non-finite loss)"
                 _rank_zero_warn(f"gradguard: optimizer step {e.step}: {e.kind}{where}{loss}")
-            self._warned_events = len(events)
-            counts[f"{self.prefix}skipped_steps"] = float(sum(e.kind == "step_skipped" for e in events))
+            self._warned_events = self.guard.events_total
+            counts[f"{self.prefix}skipped_steps"] = float(self.guard.skipped)
         if pl_module is not None:
             for name, value in counts.items():
                 pl_module.log(name, value, on_step=True, on_epoch=False)

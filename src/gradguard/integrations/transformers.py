@@ -363,12 +363,14 @@ class GradguardCallback(TrainerCallback):  # type: ignore[misc]
         if self.guard is not None:
             events = self.guard.events  # reads pending skip flags back (one synchronisation)
             if self._rank0:
-                for e in events[self._warned_events :]:
+                # events holds only the last max_events: the new ones are its tail
+                new = min(self.guard.events_total - self._warned_events, len(events))
+                for e in events[len(events) - new :]:
                     where = f" (non-finite in {', '.join(e.layers)})" if e.layers else ""
                     loss = "" if e.loss_finite else " (non-finite loss)"
                     warnings.warn(f"gradguard: optimizer step {e.step}: {e.kind}{where}{loss}", stacklevel=2)
-            self._warned_events = len(events)
-            counts[f"{self.prefix}skipped_steps"] = float(sum(e.kind == "step_skipped" for e in events))
+            self._warned_events = self.guard.events_total
+            counts[f"{self.prefix}skipped_steps"] = float(self.guard.skipped)
         return counts
 
     def _warn_new(self) -> None:

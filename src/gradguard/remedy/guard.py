@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +73,8 @@ class NonFiniteGuard:
             Adam's ``exp_avg_sq``): such a step is undone by loading the last good snapshot of
             model and optimizer (taken every ``snapshot_every`` clean steps; 1 undoes only the
             bad step) and reported as a skipped step. Reads one flag per step.
+        max_events: how many events ``events`` holds, the most recent (a run that skips many
+            steps would otherwise grow it without end); ``events_total`` and ``skipped`` count all.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class NonFiniteGuard:
         scaler: Any = None,
         max_layers: int = 3,
         check_params: bool = False,
+        max_events: int = 10_000,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -95,7 +99,8 @@ class NonFiniteGuard:
         if not 0 < backoff < 1:
             raise ValueError(f"backoff must be in (0, 1), got {backoff!r}")
         for name, value in (("recover_after", recover_after), ("restore_after", restore_after),
-                            ("snapshot_every", snapshot_every), ("max_layers", max_layers)):
+                            ("snapshot_every", snapshot_every), ("max_layers", max_layers),
+                            ("max_events", max_events)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -111,7 +116,9 @@ class NonFiniteGuard:
         self.check_params = bool(check_params)
         self.names = _param_names(self.params, model)
         self.step_count = 0
-        self._events: list[GuardEvent] = []
+        self._events: deque[GuardEvent] = deque(maxlen=max_events)
+        self._events_total = 0
+        self._skipped_total = 0
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, skipped, bad per param)
         self._loss_flags: list[torch.Tensor] = []  # loss finite, per pending step
         self._bad_run = 0
@@ -208,18 +215,23 @@ class NonFiniteGuard:
 
     def _on_bad(self, step: int, loss_ok: bool, bad: torch.Tensor, stepped_by_scaler: bool = False) -> None:
         layers = self._layers(bad)
-        self._events.append(GuardEvent(step, "step_skipped", layers, loss_ok, {"policy": self.policy}))
+        self._record(GuardEvent(step, "step_skipped", layers, loss_ok, {"policy": self.policy}))
         self._bad_run += 1
         self._clean_run = 0
         if self.policy == "backoff":
             for g in self.optimizer.param_groups:
                 g["lr"] *= self.backoff
             lrs = [g["lr"] for g in self.optimizer.param_groups]
-            self._events.append(GuardEvent(step, "lr_backoff", layers, loss_ok, {"lr": lrs}))
+            self._record(GuardEvent(step, "lr_backoff", layers, loss_ok, {"lr": lrs}))
         elif self.policy == "restore" and self._bad_run >= self.restore_after and self._snapshot is not None:
             self._restore()
-            self._events.append(GuardEvent(step, "restored", layers, loss_ok, {"bad_steps": self._bad_run}))
+            self._record(GuardEvent(step, "restored", layers, loss_ok, {"bad_steps": self._bad_run}))
             self._bad_run = 0
+
+    def _record(self, event: GuardEvent) -> None:
+        self._events.append(event)
+        self._events_total += 1
+        self._skipped_total += event.kind == "step_skipped"
 
     def _on_clean(self) -> None:
         self._bad_run = 0
@@ -231,7 +243,7 @@ class NonFiniteGuard:
                     g["lr"] = min(base, g["lr"] / self.backoff)
                     changed = True
             if changed:
-                self._events.append(GuardEvent(self.step_count - 1, "lr_recovered", detail={
+                self._record(GuardEvent(self.step_count - 1, "lr_recovered", detail={
                     "lr": [g["lr"] for g in self.optimizer.param_groups]}))
             self._clean_run = 0
         if (self.policy == "restore" or self.check_params) and self._clean_run % self.snapshot_every == 0:
@@ -263,7 +275,7 @@ class NonFiniteGuard:
         if not bool(bad.any()):
             return False
         self._restore()
-        self._events.append(GuardEvent(step, "step_skipped", self._layers(bad > 0), True, {
+        self._record(GuardEvent(step, "step_skipped", self._layers(bad > 0), True, {
             "policy": self.policy, "after_step": True, "restored_to_step": self._snapshot_step}))
         self._bad_run += 1
         self._clean_run = 0
@@ -308,20 +320,27 @@ class NonFiniteGuard:
         loss_ok = torch.stack(self._loss_flags).cpu().tolist()
         for (step, _, bad), skipped, ok in zip(self._pending, flags, loss_ok):
             if skipped:
-                self._events.append(GuardEvent(step, "step_skipped", self._layers(bad), bool(ok), {"policy": "skip"}))
+                self._record(GuardEvent(step, "step_skipped", self._layers(bad), bool(ok), {"policy": "skip"}))
         self._pending.clear()
         self._loss_flags.clear()
 
     @property
     def events(self) -> list[GuardEvent]:
-        """Everything the guard did, in order (reading it may synchronise once)."""
+        """What the guard did, in order: the last ``max_events`` events (reading it may synchronise once)."""
         self._drain()
         return list(self._events)
 
     @property
+    def events_total(self) -> int:
+        """How many events there were, including those ``events`` no longer holds."""
+        self._drain()
+        return self._events_total
+
+    @property
     def skipped(self) -> int:
         """How many steps were skipped."""
-        return sum(e.kind == "step_skipped" for e in self.events)
+        self._drain()
+        return self._skipped_total
 
 
 def _by_device_indices(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
