@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils._foreach_utils import _has_foreach_support
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
 from ..probe.distributed import SUM, ShardPlan, distributed, local, shard_groups
 
@@ -132,15 +132,23 @@ def _norms(grads: list[torch.Tensor], norm_type: float) -> tuple[torch.Tensor, t
     grads, plan = _on_shards(grads)
     first = grads[0].device
     norms: list[torch.Tensor] = []
-    for (device, _), group in _by_device_and_dtype(grads).items():
+    order: list[int] = []
+    # torch's own grouping, in its order (not first appearance): the total then sums the
+    # per-tensor norms in the order torch.nn.utils.clip_grad_norm_ does, bit for bit.
+    grouped = _group_tensors_by_device_and_dtype([list(grads)], with_indices=True)  # type: ignore[list-item]
+    for (device, _), ([found], indices) in grouped.items():
+        group: list[torch.Tensor] = [g for g in found if g is not None]  # grads holds no None
         # The same choice as torch.nn.utils.clip_grad_norm_ (foreach=None), for identical numbers.
         if _has_foreach_support(group, device):
             norms.extend(torch._foreach_norm(group, norm_type))
         else:
             norms.extend(torch.linalg.vector_norm(g, norm_type) for g in group)
+        order.extend(indices)
     stacked = torch.stack([n.to(first) for n in norms])
-    if plan is not None:
-        stacked = _combine_norms(stacked, plan, norm_type)
+    if plan is not None:  # the shard plan follows the order of grads
+        in_order = torch.empty_like(stacked)
+        in_order[torch.tensor(order, device=first)] = stacked
+        stacked = _combine_norms(in_order, plan, norm_type)
     return stacked, torch.linalg.vector_norm(stacked, norm_type)
 
 
