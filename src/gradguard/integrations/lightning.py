@@ -33,7 +33,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
@@ -41,9 +41,9 @@ import torch
 
 from ..detect import Finding, Thresholds
 from ..probe.distributed import distributed, gather_rows
-from ..remedy.clip import AutoClip, ClipResult, ZScoreClip, clip_grad_norm_
-from ..remedy.guard import _PENDING, POLICIES, NonFiniteGuard
+from ..remedy.guard import _PENDING, NonFiniteGuard
 from ..watch import _G, _W, Sink, Watch, _positive_int, _wide
+from ._options import Clip, apply_clip, check_clip, guard_policy
 
 __all__ = ["GradguardCallback"]
 
@@ -67,33 +67,6 @@ def _import_lightning() -> ModuleType:
 pl = _import_lightning()
 _Callback: Any = pl.Callback
 _rank_zero_warn = pl.utilities.rank_zero_warn
-
-Clip = float | AutoClip | ZScoreClip | Callable[[list[torch.Tensor]], Any]
-
-
-def _check_clip(clip: object) -> None:
-    if clip is None or isinstance(clip, (AutoClip, ZScoreClip)):
-        return
-    if isinstance(clip, (int, float)) and not isinstance(clip, bool):
-        if not clip > 0:
-            raise ValueError(f"clip as a number is the max_norm of clip_grad_norm_ and must be positive, got {clip!r}")
-        return
-    if not callable(clip):
-        raise TypeError(
-            "clip must be a max_norm (a positive float), a gradguard.AutoClip or gradguard.ZScoreClip, or a "
-            f"callable taking the list of parameters (like gradguard.clip_grad_norm_); got {type(clip).__name__}"
-        )
-
-
-def _policy(guard: object) -> str | None:
-    if guard is False or guard is None:
-        return None
-    if guard is True:
-        return "skip"
-    if isinstance(guard, str) and guard in POLICIES:
-        return guard
-    raise ValueError(f"guard must be True, False or a NonFiniteGuard policy {POLICIES}, got {guard!r}")
-
 
 def _has_fsdp1(model: Any) -> bool:
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -143,14 +116,14 @@ class GradguardCallback(_Callback):
         _positive_int("weights_every", weights_every, allow_zero=True)
         _positive_int("activations_every", activations_every, allow_zero=True)
         _positive_int("flush_every", flush_every)
-        _check_clip(clip)
+        check_clip(clip)
         self.options: dict[str, Any] = dict(
             every=every, weights_every=weights_every, activations_every=activations_every,
             flush_every=flush_every, store=store, overwrite=overwrite, thresholds=thresholds,
             strategy=strategy, sinks=list(sinks),
         )
         self.clip = clip
-        self.policy = _policy(guard)
+        self.policy = guard_policy(guard)
         self.prefix = prefix
         self.watch: Watch | None = None
         self.guard: NonFiniteGuard | None = None
@@ -316,14 +289,8 @@ class GradguardCallback(_Callback):
         return False
 
     def _clip(self) -> torch.Tensor | None:
-        clip = self.clip
-        if isinstance(clip, (int, float)):
-            return clip_grad_norm_(self._params, float(clip))
-        assert clip is not None
-        result = clip(self._params)
-        if isinstance(result, ClipResult):
-            return result.total_norm
-        return result if isinstance(result, torch.Tensor) else None
+        assert self.clip is not None
+        return apply_clip(self.clip, self._params)
 
     # -- reporting ----------------------------------------------------------------------
     def _report(self, pl_module: Any | None) -> dict[str, float]:
