@@ -113,7 +113,6 @@ class Recorder:
             # WAL + NORMAL: a commit survives a killed process (only power loss can drop the last ones).
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
-            self._db.executescript(_SCHEMA)
             header = {
                 "format": FORMAT,
                 "schema_version": SCHEMA_VERSION,
@@ -121,7 +120,10 @@ class Recorder:
                 "metrics": list(METRICS),
                 "run": meta,
             }
+            # Tables and header in one transaction: a reader never sees a store without its header.
             with self._transaction():
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    self._db.execute(statement)
                 self._db.executemany(
                     "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                     [(k, json.dumps(v, default=str)) for k, v in header.items()],
