@@ -43,20 +43,27 @@ def main() -> None:
         signal.signal(signal.SIGTERM, lambda *_: (say(own_handler=True), sys.exit(7)))
 
     import gradguard
-
-    class Progress:
-        flushed = 0
-
-        def write(self, rows, findings) -> None:
-            Progress.flushed += len(rows)
-            say(flushed=Progress.flushed, recording=w.store_error is None)
+    from gradguard.record.on_exit import holds_sigterm
 
     torch.manual_seed(0)
     model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(32, 32), nn.Tanh())], nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(16, 32), torch.randn(16, 4)
     w = gradguard.watch(model, optimizer=opt, store=args.store, flush_every=args.flush_every,
-                        activations_every=4, weights_every=2, sinks=[Progress()])
+                        activations_every=4, weights_every=2)
+    # Report each flush right after its commit, inside the same SIGTERM hold as the commit (sinks
+    # would report later, from their own thread).
+    flushed, commit = [0], w.flush
+
+    @holds_sigterm
+    def flush_and_report() -> None:
+        pending = len(w._ring_steps)
+        commit()
+        if pending:
+            flushed[0] += pending
+            say(flushed=flushed[0], recording=w.store_error is None)
+
+    w.flush = flush_and_report  # type: ignore[method-assign]
     step = 0
     while args.steps == 0 or step < args.steps:
         opt.zero_grad()
