@@ -9,8 +9,25 @@ import torch
 
 from ..remedy.clip import AutoClip, ClipResult, ZScoreClip, clip_grad_norm_
 from ..remedy.guard import POLICIES
+from ..watch import _positive_int
 
 Clip = float | AutoClip | ZScoreClip | Callable[[list[torch.Tensor]], Any]
+
+
+def watch_options(
+    *, every: int, weights_every: int, activations_every: int, flush_every: int, **rest: Any
+) -> dict[str, Any]:
+    """The keyword arguments a callback passes to :class:`gradguard.Watch`, checked now (at construction).
+
+    Checked when the callback is made, not when training starts (in a worker process, under DDP).
+    """
+    _positive_int("every", every)
+    _positive_int("weights_every", weights_every, allow_zero=True)
+    _positive_int("activations_every", activations_every, allow_zero=True)
+    _positive_int("flush_every", flush_every)
+    sinks = rest.pop("sinks", ())
+    return dict(every=every, weights_every=weights_every, activations_every=activations_every,
+                flush_every=flush_every, sinks=list(sinks), **rest)
 
 
 def check_clip(clip: object) -> None:

@@ -42,8 +42,8 @@ import torch
 from ..detect import Finding, Thresholds
 from ..probe.distributed import distributed, gather_rows
 from ..remedy.guard import _PENDING, NonFiniteGuard
-from ..watch import _G, _W, Sink, Watch, _positive_int, _wide
-from ._options import Clip, apply_clip, check_clip, guard_policy
+from ..watch import _G, _W, Sink, Watch, _wide
+from ._options import Clip, apply_clip, check_clip, guard_policy, watch_options
 
 __all__ = ["GradguardCallback"]
 
@@ -111,16 +111,11 @@ class GradguardCallback(_Callback):
         prefix: str = "gradguard/",
     ) -> None:
         super().__init__()
-        # Checked here, at construction, rather than when fit starts (in a worker, under DDP).
-        _positive_int("every", every)
-        _positive_int("weights_every", weights_every, allow_zero=True)
-        _positive_int("activations_every", activations_every, allow_zero=True)
-        _positive_int("flush_every", flush_every)
         check_clip(clip)
-        self.options: dict[str, Any] = dict(
+        self.options = watch_options(
             every=every, weights_every=weights_every, activations_every=activations_every,
             flush_every=flush_every, store=store, overwrite=overwrite, thresholds=thresholds,
-            strategy=strategy, sinks=list(sinks),
+            strategy=strategy, sinks=sinks,
         )
         self.clip = clip
         self.policy = guard_policy(guard)

@@ -77,8 +77,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..detect import Finding, Thresholds
 from ..remedy.guard import NonFiniteGuard
 from ..trace import METRICS, Trace
-from ..watch import Sink, Watch, _positive_int
-from ._options import Clip, apply_clip, check_clip, guard_policy
+from ..watch import Sink, Watch
+from ._options import Clip, apply_clip, check_clip, guard_policy, watch_options
 
 __all__ = ["GradguardCallback"]
 
@@ -133,18 +133,13 @@ class GradguardCallback(TrainerCallback):  # type: ignore[misc]
         log_metrics: Sequence[str] = ("grad_norm",),
         prefix: str = "gradguard/",
     ) -> None:
-        # Checked here, at construction, rather than when train() starts.
-        _positive_int("every", every)
-        _positive_int("weights_every", weights_every, allow_zero=True)
-        _positive_int("activations_every", activations_every, allow_zero=True)
-        _positive_int("flush_every", flush_every)
         check_clip(clip)
         if isinstance(log_metrics, str) or any(m not in METRICS for m in log_metrics):
             raise ValueError(f"log_metrics must be a list of names from {METRICS}, got {log_metrics!r}")
-        self.options: dict[str, Any] = dict(
+        self.options = watch_options(
             every=every, weights_every=weights_every, activations_every=activations_every,
             flush_every=flush_every, store=store, overwrite=overwrite, thresholds=thresholds,
-            strategy=strategy, sinks=list(sinks),
+            strategy=strategy, sinks=sinks,
         )
         self.clip = clip
         self.policy = guard_policy(guard)
