@@ -210,6 +210,22 @@ def run_steps(r: Runner, task: Task, steps: int) -> None:
         r.optimizer.zero_grad(set_to_none=True)
 
 
+def interleave(runners: list[Runner], task: Task, rounds: int, steps: int) -> None:
+    """Warm each runner up, then time blocks of ``steps`` steps in a seeded, shuffled order per round."""
+    for r in runners:
+        run_steps(r, task, WARMUP_STEPS)
+    order = list(range(len(runners)))
+    rng = random.Random(SEED)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for i in order:
+            r = runners[i]
+            gc.collect()
+            t0 = time.perf_counter()
+            run_steps(r, task, steps)
+            r.times.append(time.perf_counter() - t0)
+
+
 def bench_model(
     name: str, rounds: int, steps: int, skipped: list[dict[str, str]], only: set[str] | None = None
 ) -> list[dict[str, Any]]:
@@ -218,18 +234,7 @@ def bench_model(
     with tempfile.TemporaryDirectory() as tmpdir:
         runners = make_runners(task, tmpdir, skipped, only)
         try:
-            for r in runners:
-                run_steps(r, task, WARMUP_STEPS)
-            order = list(range(len(runners)))
-            rng = random.Random(SEED)
-            for _ in range(rounds):
-                rng.shuffle(order)
-                for i in order:
-                    r = runners[i]
-                    gc.collect()
-                    t0 = time.perf_counter()
-                    run_steps(r, task, steps)
-                    r.times.append(time.perf_counter() - t0)
+            interleave(runners, task, rounds, steps)
         finally:
             for r in runners:
                 r.close()

@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
-import random
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
@@ -32,11 +29,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import WARMUP_STEPS, Runner, Task, machine, make_task, run_steps  # noqa: E402
+from overhead import Runner, Task, interleave, machine, make_task  # noqa: E402
 
 import gradguard  # noqa: E402
 
-SEED = 0
 SINKS = ("tensorboard", "wandb", "mlflow")
 
 
@@ -85,17 +81,7 @@ def bench(name: str, sinks: list[str], rounds: int, steps: int) -> list[dict[str
     task = make_task(name)
     with tempfile.TemporaryDirectory() as tmpdir, ExitStack() as stack:
         runners = make_runners(task, sinks, steps, tmpdir, stack)
-        for r in runners:
-            run_steps(r, task, WARMUP_STEPS)
-        order = list(range(len(runners)))
-        rng = random.Random(SEED)
-        for _ in range(rounds):
-            rng.shuffle(order)
-            for i in order:
-                gc.collect()
-                t0 = time.perf_counter()
-                run_steps(runners[i], task, steps)
-                runners[i].times.append(time.perf_counter() - t0)
+        interleave(runners, task, rounds, steps)
     bare, alone = np.array(runners[0].times), np.array(runners[1].times)
     rows = []
     for r in runners:
