@@ -23,7 +23,10 @@ from torch import nn
 
 
 def say(**kw: object) -> None:
-    print(json.dumps(kw), flush=True)
+    # One write per line: print() writes the text and the newline separately, and a SIGTERM
+    # (SystemExit) between them would glue this line to the next one said on the way out.
+    sys.stdout.write(json.dumps(kw) + "\n")
+    sys.stdout.flush()
 
 
 def main() -> None:
