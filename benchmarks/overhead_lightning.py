@@ -5,12 +5,16 @@ batch 64, SGD) on the same generated data. In every round each variant runs one 
 ``--steps`` optimizer steps, in a seeded shuffled order; a timing callback measures every
 step from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, the hooks,
 the optimizer step) after ``WARMUP`` steps. A round's ratio is the median step time of the
-variant over the bare one's; the median ratio over rounds is reported with its
-interquartile range. Variants: ``bare`` (no callback), ``gradguard`` (the callback with
-its defaults: every step recorded, weights every 10, activations every 50, a flush every
-50), ``guarded`` (also ``clip=1.0, guard=True``, logging the clip norm every step).
+variant over the bare one's (and the ratio of mean step times, which counts the periodic
+full steps and flushes the median leaves out); the median ratio over rounds is reported
+with its interquartile range. Variants: ``bare`` (no callback), ``gradguard`` (the
+callback with its defaults: every step recorded, weights every 10, activations every 50,
+a flush every 50), ``lightning_clip`` (no callback, ``gradient_clip_val=1.0``) and
+``guarded`` (the callback with ``clip=1.0, guard=True``, logging the clip norm every
+step), compared with both. glibc's malloc thresholds are fixed first (see
+``steady_malloc.py``; ``--default-malloc`` keeps them adaptive).
 
-    python benchmarks/overhead_lightning.py [--rounds 15] [--steps 60] [--json] [--quick]
+    python benchmarks/overhead_lightning.py [--rounds 15] [--batch 64] [--json] [--quick] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -37,13 +41,21 @@ except ImportError:  # running from a checkout without installing it
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 
 import lightning.pytorch as L
+import steady_malloc
 
 from gradguard.integrations.lightning import GradguardCallback
 
 WARMUP = 3
 SEED = 0
 WIDTH, DEPTH, BATCH = 1024, 4, 64
-VARIANTS = ("bare", "gradguard", "guarded")
+VARIANTS = ("bare", "gradguard", "lightning_clip", "guarded")
+# (variant, reference, result key): the ratio of each round's step times to the reference's in that round.
+COMPARISONS = (
+    ("gradguard", "bare", "ratio"),
+    ("lightning_clip", "bare", "lightning_clip_ratio"),
+    ("guarded", "bare", "guarded_ratio"),
+    ("guarded", "lightning_clip", "guarded_vs_lightning_clip"),
+)
 
 
 class MLP(L.LightningModule):
@@ -83,7 +95,7 @@ class StepTimer(L.Callback):
 
 
 def _callbacks(variant: str) -> list[Any]:
-    if variant == "bare":
+    if variant in ("bare", "lightning_clip"):
         return []
     if variant == "gradguard":
         return [GradguardCallback()]
@@ -115,14 +127,16 @@ def measure(rounds: int, quick: bool, batch: int = BATCH) -> dict[str, Any]:
     loader = DataLoader(data, batch_size=batch, shuffle=False)
     order = random.Random(SEED)
     medians: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    means: dict[str, list[float]] = {v: [] for v in VARIANTS}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Lightning's advice on num_workers and the like
         for _ in range(rounds):
             variants = list(VARIANTS)
             order.shuffle(variants)
             for v in variants:
-                medians[v].append(float(np.median(_fit(modules[v], loader, v, steps))))
-    bare = np.array(medians["bare"])
+                times = _fit(modules[v], loader, v, steps)
+                medians[v].append(float(np.median(times)))
+                means[v].append(float(np.mean(times)))
     out: dict[str, Any] = {
         "model": f"mlp{DEPTH}x{WIDTH}",
         "parameters": sum(p.numel() for p in base.parameters()),
@@ -130,14 +144,14 @@ def measure(rounds: int, quick: bool, batch: int = BATCH) -> dict[str, Any]:
         "rounds": rounds,
         "steps_per_round": steps,
         "threads": torch.get_num_threads(),
-        "bare_step_s": float(np.median(bare)),
+        "bare_step_s": float(np.median(medians["bare"])),
     }
-    for v, key in (("gradguard", "gradguard"), ("guarded", "guarded")):
-        ratios = np.array(medians[v]) / bare
-        out[f"{key}_step_s"] = float(np.median(medians[v]))
-        out["ratio" if v == "gradguard" else "guarded_ratio"] = float(np.median(ratios))
-        q1, q3 = np.percentile(ratios, [25, 75])
-        out[f"{key}_ratio_iqr"] = [float(q1), float(q3)]
+    for v, ref, key in COMPARISONS:
+        ratios = np.array(medians[v]) / np.array(medians[ref])
+        out[f"{v}_step_s"] = float(np.median(medians[v]))
+        out[key] = float(np.median(ratios))
+        out[f"{key}_iqr"] = [float(q) for q in np.percentile(ratios, [25, 75])]
+        out[f"{key}_of_means"] = float(np.median(np.array(means[v]) / np.array(means[ref])))
     return out
 
 
@@ -148,23 +162,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", action="store_true", help="print a JSON object instead of a summary")
     ap.add_argument("--quick", action="store_true", help="smoke test: 2 rounds of 5 steps")
     ap.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH})")
+    steady_malloc.add_argument(ap)
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be positive")
+    malloc = steady_malloc.apply(args)
     result = measure(args.rounds, args.quick, args.batch)
     result["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__,
-                         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+                         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "malloc": malloc}
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
         return
     print(f"{result['model']} ({result['parameters']:,} parameters), batch {result['batch']}, "
-          f"{result['rounds']} rounds x {result['steps_per_round']} steps, {result['threads']} thread(s)")
-    print(f"  bare       {result['bare_step_s'] * 1e3:8.2f} ms/step")
-    for key, ratio in (("gradguard", "ratio"), ("guarded", "guarded_ratio")):
-        lo, hi = result[f"{key}_ratio_iqr"]
-        print(f"  {key:10s} {result[f'{key}_step_s'] * 1e3:8.2f} ms/step  ratio {result[ratio]:.3f} "
-              f"(IQR {lo:.3f}-{hi:.3f})")
+          f"{result['rounds']} rounds x {result['steps_per_round']} steps, {result['threads']} thread(s), "
+          f"{malloc} malloc")
+    print(f"  bare            {result['bare_step_s'] * 1e3:8.2f} ms/step")
+    for v, ref, key in COMPARISONS:
+        lo, hi = result[f"{key}_iqr"]
+        print(f"  {v:15s} {result[f'{v}_step_s'] * 1e3:8.2f} ms/step  vs {ref:14s} {result[key]:.3f} "
+              f"(IQR {lo:.3f}-{hi:.3f}; of mean step times {result[f'{key}_of_means']:.3f})")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def test_gradient_statistics_match_float64(strategy, dtype):
     assert model[0].weight.numel() >= LARGE
     x, y = torch.randn(32, 256, dtype=dtype), torch.randint(0, 10, (32,))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    w = gradguard.watch(model, strategy=strategy, activations_every=0, flush_every=3)
+    # Full steps (0, 2, 4) also measure the max-abs; ordinary ones (1, 3) read each gradient once.
+    w = gradguard.watch(model, strategy=strategy, activations_every=0, flush_every=3, weights_every=2)
     refs = []
     for _ in range(5):
         _train_step(model, opt, x, y, w)
@@ -47,7 +48,10 @@ def test_gradient_statistics_match_float64(strategy, dtype):
         for j in range(3):
             norm, amax, bad = refs[s][j]
             assert rel(t.metric("grad_norm")[s, j], norm) < 1e-5
-            assert rel(t.metric("grad_absmax")[s, j], amax) < 1e-6
+            if s % 2 == 0:
+                assert rel(t.metric("grad_absmax")[s, j], amax) < 1e-6
+            else:
+                assert np.isnan(t.metric("grad_absmax")[s, j])
             assert t.metric("grad_nonfinite")[s, j] == bad == 0
 
 

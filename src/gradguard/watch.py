@@ -36,6 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .detect import Finding, Thresholds, detect
 from .probe.activations import N_ACT, ActivationProbe
+from .probe.distributed import local
 from .probe.grads import STRATEGIES, GradProbe
 from .probe.layers import find_layers
 from .record import on_exit
@@ -54,6 +55,7 @@ class Sink(Protocol):
 DEFAULT_HISTORY = 10_000
 _G, _W, _A = 0, 3, 6  # first row of the gradient, weight/update and activation metrics
 _N = len(METRICS)
+_NUMPY_FLOATS = (torch.float32, torch.float64)
 
 
 def _positive_int(name: str, value: object, allow_zero: bool = False) -> int:
@@ -168,19 +170,21 @@ class Watch:
         L = len(index)
         self._ring = torch.full((self.flush_every, _N, L), math.nan, dtype=torch.float64, device=self.device)
         self._ring_loss = torch.full((self.flush_every,), math.nan, dtype=torch.float64, device=self.device)
+        self._ring_host = self._ring.numpy() if self.device.type == "cpu" else None  # the same memory
         self._ring_steps: list[int] = []
         self._ring_given: list[bool] = []
         self._calls = 0  # training steps seen (w.step() calls / optimizer steps), recorded or not
         self._awaiting_optimizer = False
         self._pending_loss: Any = None
-        self._before: list[torch.Tensor] | None = None
-        self._before_norm: torch.Tensor | None = None
+        self._snapshot_due = False  # this step measures updates: copy the parameters before the step
+        self._before: list[torch.Tensor] | None = None  # that copy, between the optimizer's pre- and post-hook
+        self._snapshot_buffers: list[torch.Tensor] | None = None
         self._handles: list[RemovableHandle] = []
         self._closed = False
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(self._pre_optimizer))
             self._handles.append(optimizer.register_step_post_hook(self._post_optimizer))
-        self._grads.weights_armed = bool(self.weights_every)  # step 0 measures weights
+        self._grads.full_armed = bool(self.weights_every)  # step 0 is a full step
         if self._acts is not None:
             self._acts.attach()  # step 0 is a sampled step
 
@@ -226,22 +230,40 @@ class Watch:
     def _pre_optimizer(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self._awaiting_optimizer:
             self._record()  # nobody called w.step(): record from the optimizer's hook
-        if self._before is not None:
+        if self._snapshot_due:
+            self._snapshot()
+
+    @torch.no_grad()
+    def _snapshot(self) -> None:
+        """Copy the parameters, so the post-step hook can measure the optimizer's update."""
+        self._snapshot_due = False
+        params = self._local_params()
+        if self.device.type != "cpu":  # the caching allocator reuses the block: a fresh copy is free
             # fp16/bf16 parameters are copied to float32 so the update is not rounded to them.
-            self._before = [p.to(_wide(p.dtype), copy=True) for p in self.index.params]
+            self._before = [p.to(_wide(p.dtype), copy=True) for p in params]
+            return
+        # Host memory: fresh multi-MB blocks come from the OS page by page (zero-filled faults
+        # cost 5-10x the copy itself), so the buffers are allocated once and kept until close().
+        if self._snapshot_buffers is None:
+            self._snapshot_buffers = [torch.empty_like(p, dtype=_wide(p.dtype)) for p in params]
+        torch._foreach_copy_(self._snapshot_buffers, params)
+        self._before = self._snapshot_buffers
+
+    def _local_params(self) -> list[torch.Tensor]:
+        """The parameters as plain tensors (this rank's shard of an FSDP2 DTensor): foreach ops take those."""
+        return [local(p) for p in self.index.params]
 
     @torch.no_grad()
     def _post_optimizer(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._awaiting_optimizer = False
-        if self._before is None or not self._before or not self._ring_steps:
-            self._before = None
+        before, self._before = self._before, None
+        if before is None or not self._ring_steps:
             return
-        diff = [p.to(b.dtype) - b for p, b in zip(self.index.params, self._before)]
-        upd = self._grads.measure_norms(diff)
+        torch._foreach_sub_(before, self._local_params())  # in place: before - after, the update's negative
+        upd = self._grads.measure_norms(before)
         row = self._ring[len(self._ring_steps) - 1]  # the row of the step just recorded
         row[_W + 1] = upd
         row[_W + 2] = upd / row[_W]
-        self._before = None
 
     def _record(self) -> None:
         step = self._calls  # training steps are numbered by calls, recorded or not
@@ -253,31 +275,47 @@ class Watch:
         nxt = step + 1
         recorded = nxt % self.every == 0
         self._grads.armed = recorded
-        self._grads.weights_armed = recorded and bool(self.weights_every) and nxt % self.weights_every == 0
+        self._grads.full_armed = recorded and self._is_full(nxt)
         if self._acts is not None and recorded and nxt % self.activations_every == 0:
             self._acts.attach()
+
+    def _is_full(self, step: int) -> bool:
+        """Whether a recorded step also measures gradient max-abs, weights and the update."""
+        return bool(self.weights_every) and step % self.weights_every == 0
 
     @torch.no_grad()
     def _record_step(self, step: int) -> None:
         if len(self._ring_steps) == self.flush_every:
             self.flush()
         slot = len(self._ring_steps)
-        row = self._ring[slot]
-        row.fill_(math.nan)
-        row[_G : _G + 3] = self._grads.measure(*self._inverse_scales())
-        weight_step = bool(self.weights_every) and step % self.weights_every == 0
-        # Marks "snapshot the parameters in the optimizer's pre-hook" for this step only: if the
-        # optimizer step never comes (a GradScaler skipped it), the mark must not carry over.
-        self._before = [] if weight_step and self.optimizer is not None else None
-        if weight_step:
-            row[_W] = self._grads.measure_weights()
+        full = self._is_full(step)
+        grads = self._grads.measure(*self._inverse_scales(), full=full)
+        row: Any
+        if self._ring_host is not None:  # numpy: a write costs ~1 us, a torch op ~10 us right after backward
+            row = self._ring_host[slot]
+            row.fill(math.nan)
+            row[_G : _G + 3] = grads.numpy()
+        else:
+            row = self._ring[slot]
+            row.fill_(math.nan)
+            row[_G : _G + 3] = grads
+        # For this step only: if the optimizer step never comes (a GradScaler skipped it), the
+        # snapshot must not carry over to the next one.
+        self._snapshot_due = full and self.optimizer is not None
+        self._before = None
+        if full:
+            self._ring[slot, _W] = self._grads.measure_weights()
         if self._acts is not None and self._acts.attached:
-            row[_A : _A + N_ACT] = self._acts.collect()
+            self._ring[slot, _A : _A + N_ACT] = self._acts.collect()
             self._acts.detach()
         loss, self._pending_loss = self._pending_loss, None
         given = loss is not None
         if isinstance(loss, torch.Tensor):
-            self._ring_loss[slot].copy_(loss.detach().reshape(()), non_blocking=True)
+            loss = loss.detach()
+            if self._ring_host is not None and loss.device.type == "cpu" and loss.dtype in _NUMPY_FLOATS:
+                self._ring_loss.numpy()[slot] = loss.numpy().reshape(())
+            else:
+                self._ring_loss[slot].copy_(loss.reshape(()), non_blocking=True)
         else:
             self._ring_loss[slot] = float(loss) if given else math.nan
         self._ring_steps.append(step)
@@ -402,7 +440,7 @@ class Watch:
             self._acts = None
             self.index = None  # type: ignore[assignment]
             self.optimizer = None
-            self._before = None
+            self._before = self._snapshot_buffers = None
 
     def __enter__(self) -> Watch:
         return self

@@ -42,7 +42,7 @@ import torch
 from ..detect import Finding, Thresholds
 from ..probe.distributed import distributed, gather_rows
 from ..remedy.guard import _PENDING, NonFiniteGuard
-from ..watch import _G, _W, Sink, Watch, _wide
+from ..watch import _G, _W, Sink, Watch
 from ._options import Clip, apply_clip, check_clip, guard_policy, watch_options
 
 __all__ = ["GradguardCallback"]
@@ -213,11 +213,12 @@ class GradguardCallback(_Callback):
             self._report(pl_module)
 
     def _snapshot(self, watch: Watch) -> None:
-        """On a recorded weight step, keep the parameters, so the post-step hook can measure the update."""
+        """On a recorded full step, keep the parameters, so the post-step hook can measure the update."""
         step = watch._calls - 1
-        weight_step = step % watch.every == 0 and bool(watch.weights_every) and step % watch.weights_every == 0
-        with torch.no_grad():
-            watch._before = [p.to(_wide(p.dtype), copy=True) for p in watch.index.params] if weight_step else None
+        if step % watch.every == 0 and watch._is_full(step):
+            watch._snapshot()
+        else:
+            watch._before = None
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._sync_free and hasattr(optimizer, "found_inf"):
@@ -247,7 +248,9 @@ class GradguardCallback(_Callback):
         if weights:
             present = summed[1] > 0
             row[_G] = out[0]
-            row[_G + 1] = torch.where(present, gathered[:, 4].amax(dim=0), torch.nan)
+            # The max-abs is measured on full steps only (NaN, taken as 0 above, on the others).
+            full = watch._is_full(watch._ring_steps[-1])
+            row[_G + 1] = torch.where(present, gathered[:, 4].amax(dim=0), torch.nan) if full else torch.nan
             row[_G + 2] = torch.where(present, summed[5], torch.nan)
             row[_W] = out[1]
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -9,13 +10,27 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from .distributed import MAX, SUM, ShardPlan, distributed, local
-from .kernels import LARGE, N_STATS, device_stats, host_block, host_stats, host_stats_one, host_sumsq, plan_groups
+from .kernels import (
+    AMAX,
+    LARGE,
+    N_STATS,
+    NONFINITE,
+    SUMSQ,
+    device_stats,
+    host_block,
+    host_stats,
+    host_stats_one,
+    host_sumsq_many,
+    host_sumsq_one,
+    plan_groups,
+)
 from .layers import LayerIndex
 
 STRATEGIES = ("auto", "fused", "hooks")
 # How each statistic combines over the shards of a tensor: sumsq and nonfinite add up,
 # amax is the largest; the fourth column says whether any rank had the tensor.
 _SHARD_OPS = (SUM, MAX, SUM, MAX)
+_NAN = float("nan")
 
 
 class LayerReducer:
@@ -49,8 +64,12 @@ class LayerReducer:
         idx, n = self._layer_of_np, self.n_layers
         out = np.empty((N_STATS, n), dtype=np.float64)
         out[0] = np.sqrt(np.bincount(idx, weights=rows[:, 0], minlength=n))
-        out[1] = 0.0
-        np.maximum.at(out[1], idx, rows[:, 1])
+        if np.isnan(rows[:, 1]).all():  # max-abs not measured (not a full step)
+            out[1] = np.nan
+        else:
+            out[1] = 0.0
+            with np.errstate(invalid="ignore"):  # a NaN (not measured) makes its layer's NaN
+                np.maximum.at(out[1], idx, rows[:, 1])
         out[2] = np.bincount(idx, weights=rows[:, 2], minlength=n)
         seen = np.bincount(idx, weights=present.astype(np.float64), minlength=n)
         out[:, seen == 0] = np.nan
@@ -58,17 +77,25 @@ class LayerReducer:
 
 
 def _group_stats(tensors: list[torch.Tensor], norm_only: bool) -> torch.Tensor:
-    """Statistics of one planned group (same device; on CPU also same dtype and shape)."""
+    """Statistics of one planned group (same device; on CPU also same dtype and shape).
+
+    ``norm_only``: sums of squares and non-finite counts only (max-abs NaN), one read per tensor.
+    """
     if tensors[0].device.type != "cpu":
         return device_stats(tensors)
     if norm_only:
-        out = np.zeros((len(tensors), N_STATS), dtype=np.float64)
-        out[:, 0] = host_sumsq(tensors)
-        return torch.from_numpy(out)
+        return torch.from_numpy(_norm_rows(tensors))
     try:
         return torch.from_numpy(host_block(tensors))
     except RuntimeError:  # a gradient whose shape or dtype differs from its parameter's
         return torch.from_numpy(host_stats(tensors))
+
+
+def _norm_rows(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    """Rows [n, 3] of host tensors' sums of squares and non-finite counts (max-abs NaN: not measured)."""
+    rows = np.full((len(tensors), N_STATS), _NAN)
+    rows[:, [SUMSQ, NONFINITE]] = np.array(host_sumsq_many(tensors), dtype=np.float64).reshape(-1, 2)
+    return rows
 
 
 class Plan:
@@ -87,6 +114,14 @@ class Plan:
         """rows [P, 3] float64 and present [P] bool on the statistics device (None = missing)."""
         if self.host:
             return self._host_stats(tensors, norm_only)
+        rows, present = self._device_stats(tensors, norm_only)
+        if norm_only:  # the device path measures the max-abs anyway (it scales by it): not reported
+            rows[:, AMAX] = _NAN
+        return rows, present
+
+    def _device_stats(
+        self, tensors: Sequence[torch.Tensor | None], norm_only: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.zeros(len(tensors), N_STATS, dtype=torch.float64, device=self.device)
         present = torch.zeros(len(tensors), dtype=torch.bool, device=self.device)
         for group, index in zip(self.groups, self.index):
@@ -108,13 +143,16 @@ class Plan:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Everything here is host memory: numpy arrays, no per-op dispatch.
         rows = np.zeros((len(tensors), N_STATS), dtype=np.float64)
-        present = np.zeros(len(tensors), dtype=bool)
+        present = np.array([t is not None for t in tensors], dtype=bool)
+        if norm_only:  # one fused call for all the small tensors, whatever their shapes
+            real = np.flatnonzero(present)
+            if len(real):
+                rows[real] = _norm_rows([tensors[i] for i in real])  # type: ignore[misc]
+            return torch.from_numpy(rows), torch.from_numpy(present)
         for group in self.groups:
             real = [i for i in group if tensors[i] is not None]
             if real:
-                items = [tensors[i] for i in real]
-                rows[real] = _group_stats(items, norm_only).numpy()  # type: ignore[arg-type]
-                present[real] = True
+                rows[real] = _group_stats([tensors[i] for i in real], norm_only).numpy()  # type: ignore[misc]
         return torch.from_numpy(rows), torch.from_numpy(present)
 
 
@@ -152,17 +190,21 @@ class GradProbe:
         # None on a single process (and under DDP, where every rank holds whole tensors).
         self._shards = (ShardPlan(index.params) or None) if on_ranks else None
         self.plan = Plan([local(p) for p in index.params] if self._shards else index.params, device)
-        self._cache: dict[int, tuple[torch.Tensor, int, tuple[float, float, float]]] = {}
+        # parameter -> (gradient, its version, full statistics?, statistics)
+        self._cache: dict[int, tuple[torch.Tensor, int, bool, tuple[float, float, float]]] = {}
         self._handles: list[RemovableHandle] = []
         # Off for steps that will not be recorded (every > 1): the hooks then return at once.
         self.armed = True
-        # On for steps that also measure weights: the hook takes the weight's norm too, while
-        # backward has just read it (dX = dY W) and it is still in cache.
-        self.weights_armed = False
+        # On for full steps (those that also measure weights): the hook takes the gradient's
+        # max-abs, and the weight's norm while backward has just read it (dX = dY W) and it is
+        # still in cache. Off, it reads each gradient once: sum of squares, non-finite count.
+        self.full_armed = False
         self._wcache: dict[int, tuple[int, float]] = {}
         # Only embeddings can have sparse gradients: check just those parameters each step.
         modules = index.modules
         self._sparse = [i for i, layer in enumerate(index.param_layer) if getattr(modules[layer], "sparse", False)]
+        self._sparse_set = set(self._sparse)
+        self._layer_of = list(index.param_layer)
         if strategy != "fused" and not on_ranks:
             limit = 1 if strategy == "hooks" else LARGE
             for i, p in enumerate(index.params):
@@ -181,32 +223,42 @@ class GradProbe:
             if not self.armed:
                 return
             g = p.grad
+            full = self.full_armed
             if g is not None and not g.is_sparse:
-                cache[i] = (g, g._version, host_stats_one(g))
-            if self.weights_armed:
-                wcache[i] = (p._version, host_sumsq([p])[0])
+                if full:
+                    cache[i] = (g, g._version, True, host_stats_one(g))
+                else:
+                    sumsq, bad = host_sumsq_one(g)
+                    cache[i] = (g, g._version, False, (sumsq, _NAN, bad))
+            if full:
+                wcache[i] = (p._version, host_sumsq_one(p)[0])
 
         return hook
 
     @torch.no_grad()
-    def measure(self, hook_scale: torch.Tensor | None = None, step_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def measure(
+        self, hook_scale: torch.Tensor | None = None, step_scale: torch.Tensor | None = None, full: bool = True
+    ) -> torch.Tensor:
         """Per-layer gradient statistics now, as float64 [3, L]: norm, absmax, nonfinite.
 
         ``hook_scale`` multiplies gradients measured inside backward and ``step_scale`` those
-        measured now (AMP: the inverse loss scale where a gradient was still scaled).
+        measured now (AMP: the inverse loss scale where a gradient was still scaled). Without
+        ``full``, absmax is NaN (not measured) and each gradient is read once.
         """
+        if not full and self._shards is None and self.plan.host:
+            return torch.from_numpy(self._host_norms(hook_scale, step_scale))
         grads: list[torch.Tensor | None] = [p.grad for p in self.index.params]
         for i in self._sparse:
             g = grads[i]
             if g is not None and g.is_sparse:
                 grads[i] = g.coalesce()._values()
         cached: dict[int, tuple[float, float, float]] = {}
-        for i, (g, version, stats) in self._cache.items():
-            if grads[i] is g and g._version == version:
-                cached[i] = stats
+        for i, (g, version, was_full, stats) in self._cache.items():
+            if grads[i] is g and g._version == version and (was_full or not full):
+                cached[i] = stats if full else (stats[0], _NAN, stats[2])
                 grads[i] = None  # measured already
         self._cache.clear()
-        rows, present = self._stats(grads)
+        rows, present = self._stats(grads, norm_only=not full)
         _scale_rows(rows, step_scale)
         if cached:
             idx = list(cached)
@@ -219,6 +271,50 @@ class GradProbe:
                 rows[idx] = hooked.to(rows.device)
                 present[idx] = True
         return self.reduce(rows, present)
+
+    def _host_norms(self, hook_scale: torch.Tensor | None, step_scale: torch.Tensor | None) -> np.ndarray:
+        """An ordinary step's gradient statistics on the host, [3, L] with absmax NaN.
+
+        The same numbers as the general path, in plain Python on floats: right after backward
+        every distinct numpy or torch call costs 10-30 us (cold caches), a Python loop over
+        the parameters a fraction of a microsecond each.
+        """
+        hook_sq = 1.0 if hook_scale is None else float(hook_scale) ** 2  # AMP: squares scale by its square
+        step_sq = 1.0 if step_scale is None else float(step_scale) ** 2
+        layer_of, sparse, cache = self._layer_of, self._sparse_set, self._cache
+        n = self.reduce.n_layers
+        sumsq, bad, seen = [0.0] * n, [0.0] * n, [False] * n
+        todo: list[torch.Tensor] = []
+        todo_layers: list[int] = []
+        for i, p in enumerate(self.index.params):
+            g = p.grad
+            if g is None:
+                continue
+            if i in sparse and g.is_sparse:
+                g = g.coalesce()._values()
+            hit = cache.get(i)
+            layer = layer_of[i]
+            if hit is not None and hit[0] is g and g._version == hit[1]:  # measured inside backward
+                stats = hit[3]
+                sumsq[layer] += stats[SUMSQ] * hook_sq
+                bad[layer] += stats[NONFINITE]
+                seen[layer] = True
+            else:
+                todo.append(g)
+                todo_layers.append(layer)
+        cache.clear()
+        for layer, (s, b) in zip(todo_layers, host_sumsq_many(todo)):
+            sumsq[layer] += s * step_sq
+            bad[layer] += b
+            seen[layer] = True
+        return np.array(
+            [
+                [math.sqrt(s) if k else _NAN for s, k in zip(sumsq, seen)],
+                [_NAN] * n,
+                [b if k else _NAN for b, k in zip(bad, seen)],
+            ],
+            dtype=np.float64,
+        ).reshape(N_STATS, n)
 
     @torch.no_grad()
     def measure_weights(self) -> torch.Tensor:

@@ -80,14 +80,60 @@ def host_stats_one(t: torch.Tensor) -> tuple[float, float, float]:
         return 0.0, 0.0, 0.0
     # amax and amin separately: on CPU each is ~3x faster than one aminmax call.
     amax = max(-_read(torch.amin(t)), _read(torch.amax(t)))
-    if math.isfinite(amax) and (amax == 0.0 or _SAFE_LO <= amax <= _safe_hi(t.numel())):
-        if _low_precision(t):
-            n = torch.linalg.vector_norm(t, dtype=torch.float32)
-        else:
-            n = torch.linalg.vector_norm(t)
-        v = _read(n)
-        return v * v, amax, 0.0
-    return _precise(t)
+    if not math.isfinite(amax):
+        return _precise(t)
+    if amax == 0.0:
+        return 0.0, 0.0, 0.0
+    return host_sumsq_one(t)[0], amax, 0.0
+
+
+# Host tensors are summed in chunks of this many elements: each chunk's fp32 dot product is
+# good to a few ulps and the chunks add up in float64. One fp32 sum over 16M elements is off
+# by ~1e-3 (torch's vector_norm) or ~1e-4 (BLAS dot); chunked, ~4e-7, at the speed of one read.
+_DOT_CHUNK = 1 << 18
+# A sum of squares at least this large lost nothing that matters to underflow: squares
+# below 2^-149 are dropped, and even 2^30 of them are < 2^-39 of a sum >= 2^-80.
+_SUMSQ_SAFE_LO = 2.0**-80
+
+
+def _fp_sumsq(t: torch.Tensor) -> float:
+    """Sum of squares of a host tensor in its own precision (fp32 for fp16/bf16); NaN/inf propagate."""
+    flat = t.detach().reshape(-1)  # a view when contiguous
+    n = flat.numel()
+    main = n - n % _DOT_CHUNK
+    if flat.dtype in (torch.float32, torch.float64) and not flat.is_neg():
+        a = flat.numpy()  # BLAS dot products: one read, no temporary (faster than vector_norm)
+        if not main:
+            return float(np.dot(a, a))
+        return sum(float(np.dot(c, c)) for c in (a[i : i + _DOT_CHUNK] for i in range(0, n, _DOT_CHUNK)))
+    acc = torch.float32 if _low_precision(flat) else None
+    total = 0.0
+    if main:
+        chunks = torch.linalg.vector_norm(flat[:main].view(-1, _DOT_CHUNK), dim=1, dtype=acc)
+        total = float((chunks.double() ** 2).sum())
+    if main < n:
+        total += float(torch.linalg.vector_norm(flat[main:], dtype=acc).double()) ** 2
+    return total
+
+
+@torch.no_grad()
+def host_sumsq_one(t: torch.Tensor) -> tuple[float, float]:
+    """(sum of squares of the finite elements, number of NaN/inf elements) of one host tensor.
+
+    One read of the tensor when it is finite and not vanishingly small (the usual case); the
+    exact float64 path otherwise.
+    """
+    if t.numel() == 0:
+        return 0.0, 0.0
+    s = _fp_sumsq(t)
+    if math.isfinite(s) and s >= _SUMSQ_SAFE_LO:
+        return s, 0.0
+    # A zero sum is exact only for an all-zero tensor (a frozen layer's update): elements of
+    # 1e-23 square to 0 in fp32. any() is one pass without a float64 copy.
+    if s == 0.0 and not bool(t.any()):
+        return 0.0, 0.0
+    sumsq, _, bad = _precise(t)
+    return sumsq, bad
 
 
 @torch.no_grad()
@@ -155,30 +201,34 @@ def host_stats(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     return out
 
 
-# A finite fp32 norm at least this large lost nothing that matters to underflow: squares
-# below 2^-149 are dropped, and even 2^30 of them are < 2^-39 of a sum >= 2^-80.
-_NORM_SAFE_LO = 2.0**-40
-
-
 @torch.no_grad()
-def host_sumsq(tensors: Sequence[torch.Tensor]) -> np.ndarray:
-    """Sums of squares of host tensors (finite elements), float64 [n]: one fused read each."""
-    out = np.zeros(len(tensors), dtype=np.float64)
-    idx = [i for i, t in enumerate(tensors) if t.numel() > 0]
-    if not idx:
-        return out
-    ts = [tensors[i] for i in idx]
-    ts = [t.float() if _low_precision(t) else t for t in ts]
-    norms = torch.stack(torch._foreach_norm(ts)).double().numpy()
-    ok = np.isfinite(norms) & (norms >= _NORM_SAFE_LO)
-    rows = np.asarray(idx)
-    out[rows[ok]] = norms[ok] ** 2
-    for j in np.flatnonzero(~ok):
-        t = tensors[idx[j]]
-        # A zero norm is exact only for an all-zero tensor (a frozen layer's update): elements of
-        # 1e-23 square to 0 in fp32. any() is one pass without a float64 copy.
-        out[idx[j]] = 0.0 if norms[j] == 0 and not bool(t.any()) else _precise(t)[0]
+def host_sumsq_many(tensors: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
+    """:func:`host_sumsq_one` of each host tensor, as plain Python floats.
+
+    Tensors of ``LARGE`` elements or more are summed one by one (chunked dot products); the
+    smaller ones, whose fp32 sums are exact enough, in one fused call. It runs right after
+    backward, when every distinct call costs 10-30 us (cold caches): a few calls, then Python
+    on the floats.
+    """
+    out = [(0.0, 0.0)] * len(tensors)
+    small = []
+    for j, t in enumerate(tensors):
+        if t.numel() >= LARGE:
+            out[j] = host_sumsq_one(t)
+        else:
+            small.append(j)
+    if small:
+        wide = [tensors[j].float() if _low_precision(tensors[j]) else tensors[j] for j in small]
+        for j, v in zip(small, torch.stack(torch._foreach_norm(wide)).numpy().tolist()):
+            sumsq = v * v
+            # False for NaN; zero, vanishing or non-finite tensors (rare) take the exact path.
+            out[j] = (sumsq, 0.0) if _SUMSQ_SAFE_LO <= sumsq < math.inf else host_sumsq_one(tensors[j])
     return out
+
+
+def host_sumsq(tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    """Sums of squares of host tensors (finite elements), float64 [n]: one read each."""
+    return np.array([sumsq for sumsq, _ in host_sumsq_many(tensors)], dtype=np.float64).reshape(-1)
 
 
 @torch.no_grad()

@@ -59,7 +59,7 @@ def track(watch: Any) -> None:
             _state["atexit"] = True
         if _state["handler"] or threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
-        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _on_sigterm):
             signal.signal(signal.SIGTERM, _on_sigterm)
             _state["handler"], _state["pid"] = True, os.getpid()
 
@@ -76,7 +76,10 @@ def untrack(watch: Any) -> None:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    if os.getpid() != _state["pid"]:  # a forked child: behave as if nothing had been installed
+    # A forked child, or no Watch open: behave as if nothing had been installed. The second
+    # happens when a framework saved this handler and put it back after the last Watch closed
+    # (Lightning's signal connector does, around fit).
+    if os.getpid() != _state["pid"] or not _open:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return
