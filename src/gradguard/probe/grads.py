@@ -145,9 +145,9 @@ class Plan:
         rows = np.zeros((len(tensors), N_STATS), dtype=np.float64)
         present = np.array([t is not None for t in tensors], dtype=bool)
         if norm_only:  # one fused call for all the small tensors, whatever their shapes
-            real = np.flatnonzero(present)
-            if len(real):
-                rows[real] = _norm_rows([tensors[i] for i in real])  # type: ignore[misc]
+            have = [i for i, t in enumerate(tensors) if t is not None]
+            if have:
+                rows[have] = _norm_rows([tensors[i] for i in have])  # type: ignore[misc]
             return torch.from_numpy(rows), torch.from_numpy(present)
         for group in self.groups:
             real = [i for i in group if tensors[i] is not None]
