@@ -32,6 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared modules
+import steady_malloc  # noqa: E402
+
 try:
     import gradguard
 except ImportError:  # running from a checkout without installing it
@@ -341,12 +344,14 @@ def main(argv: list[str] | None = None) -> None:
         "--integrations", default="lightning,transformers",
         help="trainer paths to time with and without gradguard's callback (comma-separated; '' for none)",
     )
+    steady_malloc.add_argument(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 3, 3
     if args.rounds < 1 or args.steps < 1:
         ap.error("--rounds and --steps must be positive")
     torch.set_flush_denormal(True)
+    malloc = steady_malloc.apply(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -356,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in models:
         rows += bench_model(name, args.rounds, args.steps, skipped, only)
     integrations = integration_rows(args.integrations, args.rounds, args.quick, skipped)
-    info = machine(args.rounds, args.steps)
+    info = {**machine(args.rounds, args.steps), "malloc": malloc}
     for s in skipped:
         print(f"skipped {s['variant']}: {s['reason']}", file=sys.stderr if args.json else sys.stdout)
     if args.json:

@@ -45,6 +45,9 @@ from transformers.trainer_callback import PrinterCallback
 
 from gradguard.integrations.transformers import GradguardCallback
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the benchmarks' shared modules
+import steady_malloc  # noqa: E402
+
 WARMUP_STEPS = 3
 LOGGING_STEPS = 10
 SEED = 0
@@ -153,13 +156,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     ap.add_argument("--json", action="store_true", help="print a JSON object instead of a summary")
     ap.add_argument("--quick", action="store_true", help="smoke test: a tiny model, 2 rounds of 8 steps")
+    steady_malloc.add_argument(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds = min(args.rounds, 2)
+    malloc = steady_malloc.apply(args)
     torch.set_num_threads(args.threads)
     result = measure(args.rounds, args.quick, args.steps)
     result.update(torch=torch.__version__, gradguard=gradguard.__version__, python=platform.python_version(),
-                  platform=platform.platform())
+                  platform=platform.platform(), malloc=malloc)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import steady_malloc  # noqa: E402
 from overhead import Runner, Task, interleave, machine, make_task  # noqa: E402
 
 import gradguard  # noqa: E402
@@ -105,19 +106,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     ap.add_argument("--quick", action="store_true", help="smoke test: mlp20x512, 2 rounds of 5 steps")
+    steady_malloc.add_argument(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.rounds, args.steps = "mlp20x512", 2, 5
     if args.rounds < 1 or args.steps < 1:
         ap.error("--rounds and --steps must be positive")
     torch.set_flush_denormal(True)
+    malloc = steady_malloc.apply(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     sinks = [s.strip() for s in args.sinks.split(",") if s.strip()]
     rows: list[dict[str, Any]] = []
     for name in (m.strip() for m in args.models.split(",") if m.strip()):
         rows += bench(name, sinks, args.rounds, args.steps)
-    info = machine(args.rounds, args.steps)
+    info = {**machine(args.rounds, args.steps), "malloc": malloc}
     if args.json:
         json.dump({"machine": info, "results": rows}, sys.stdout, indent=2)
         print()
