@@ -17,7 +17,7 @@ Metric names and units (all per layer, per recorded step):
 
 ==================  ==========================================================
 ``grad_norm``       L2 norm of the layer's gradient (finite elements), float64
-``grad_absmax``     largest absolute gradient element (finite elements)
+``grad_absmax``     largest absolute gradient element (finite elements; every ``weights_every`` steps)
 ``grad_nonfinite``  number of NaN/inf gradient elements
 ``weight_norm``     L2 norm of the layer's parameters (every ``weights_every`` steps)
 ``update_norm``     L2 norm of the optimizer's change to the parameters

@@ -485,8 +485,10 @@ def watch(
         optimizer: if given, a step is recorded on every ``optimizer.step()`` (through its
             step hooks) unless :meth:`Watch.step` was called, and update sizes are measured.
         every: record every N-th step (1 = every step).
-        weights_every: measure weight norms (and update norms) on recorded steps whose number is a
-            multiple of N; 0 = never.
+        weights_every: full steps: on recorded steps whose number is a multiple of N, also measure
+            the gradient max-abs, weight norms and (with ``optimizer``) update norms; 0 = never.
+            Other steps read each gradient once (norm and non-finite count). On the host, the
+            update needs a float32 copy of the parameters, kept from the first full step to ``close()``.
         activations_every: sample activation statistics on recorded steps whose number is a
             multiple of N (forward hooks exist only on those steps); 0 = never.
         flush_every: copy statistics to the host, run the detectors and commit to the store

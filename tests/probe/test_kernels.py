@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradguard.probe.kernels import LARGE, device_stats, host_stats
+from gradguard.probe.kernels import LARGE, device_stats, host_stats, host_sumsq, host_sumsq_many, host_sumsq_one
 
 
 def reference(t: torch.Tensor) -> list[float]:
@@ -85,3 +85,46 @@ def test_property_against_reference(values, path):
     t = torch.tensor(values, dtype=torch.float32)
     row = PATHS[path]([t, t.clone()])[0]
     np.testing.assert_allclose(row, reference(t), rtol=1e-5, atol=0)
+
+
+def _many_reference(t: torch.Tensor) -> tuple[float, float]:
+    sumsq, _, bad = reference(t)
+    return sumsq, bad
+
+
+def test_one_read_sums_are_accurate_on_millions_of_elements():
+    # 4M fp32 elements: one fp32 sum is off by ~1e-4 (torch's vector_norm) or ~2e-5 (one BLAS dot);
+    # chunks of _DOT_CHUNK added in float64 stay within a few 1e-7.
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(4 * 1024 * 1024 + 77, generator=g)  # not a whole number of chunks: the tail counts too
+    ref = float(t.double().square().sum())
+    naive = float(torch.linalg.vector_norm(t)) ** 2
+    assert abs(naive - ref) / ref > 1e-5  # the error the chunking removes
+    for sumsq, bad in (host_sumsq_one(t), host_sumsq_many([t])[0]):
+        assert abs(sumsq - ref) / ref < 2e-6 and bad == 0
+    # bf16: each chunk widened to fp32. The squares are exact there, but values of 8 significant
+    # bits round the same way again and again: their errors cancel less (~6e-6 here, vs 1e-4).
+    half = t.to(torch.bfloat16)
+    ref = float(half.double().square().sum())
+    assert abs(host_sumsq_one(half)[0] - ref) / ref < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_one_read_path_falls_back_to_exact_values(dtype):
+    # Large (chunked, alone) and small (one fused call) tensors with the values fp32 squares get wrong.
+    big = 3 * (1 << 18) + 5
+    cases = [c.to(dtype) for c in _cases()] + [
+        torch.full((big,), 1e-27).to(dtype),
+        torch.zeros(big, dtype=dtype),
+        torch.randn(big).to(dtype),
+    ]
+    nan_big = torch.randn(big).to(dtype)
+    nan_big[[1, 99, big - 1]] = torch.tensor([math.nan, math.inf, -math.inf], dtype=dtype)
+    cases.append(nan_big)
+    got = host_sumsq_many(cases)
+    for t, (sumsq, bad) in zip(cases, got):
+        ref_sumsq, ref_bad = _many_reference(t)
+        assert bad == ref_bad, (dtype, tuple(t.shape))
+        assert sumsq == ref_sumsq == 0 or math.isclose(sumsq, ref_sumsq, rel_tol=1e-5), (dtype, tuple(t.shape))
+        assert host_sumsq_one(t) == pytest.approx((sumsq, bad), rel=1e-6)
+    np.testing.assert_array_equal(host_sumsq(cases), [s for s, _ in got])

@@ -10,9 +10,11 @@ Every function here returns, for each input tensor, three float64 numbers:
 Two implementations share that contract:
 
 - :func:`host_stats` for tensors in host memory. Reading a value there is a memory load,
-  not a device synchronisation, so it takes the fast fp32 path and checks the max-abs
-  on the host to decide, per tensor, whether the fp32 sum of squares is exact enough;
-  only tensors with extreme or non-finite values take the slow float64 path.
+  not a device synchronisation, so it takes the fast fp32 path and checks the result on
+  the host to decide, per tensor, whether the fp32 sum of squares is exact enough; only
+  tensors with extreme or non-finite values take the slow float64 path.
+  :func:`host_sumsq_one` and :func:`host_sumsq_many` give the sum of squares and the
+  non-finite count alone, in one read of each tensor (an ordinary step's statistics).
 - :func:`device_stats` for accelerator tensors. It never reads a value (no host-device
   synchronisation): it scales each tensor by its max-abs before squaring, with fused
   ``torch._foreach_*`` ops, and stays entirely on the device.
@@ -98,22 +100,18 @@ _SUMSQ_SAFE_LO = 2.0**-80
 
 def _fp_sumsq(t: torch.Tensor) -> float:
     """Sum of squares of a host tensor in its own precision (fp32 for fp16/bf16); NaN/inf propagate."""
-    flat = t.detach().reshape(-1)  # a view when contiguous
+    flat = t.detach().reshape(-1).resolve_neg()  # a view when contiguous
     n = flat.numel()
-    main = n - n % _DOT_CHUNK
-    if flat.dtype in (torch.float32, torch.float64) and not flat.is_neg():
-        a = flat.numpy()  # BLAS dot products: one read, no temporary (faster than vector_norm)
-        if not main:
-            return float(np.dot(a, a))
-        return sum(float(np.dot(c, c)) for c in (a[i : i + _DOT_CHUNK] for i in range(0, n, _DOT_CHUNK)))
-    acc = torch.float32 if _low_precision(flat) else None
-    total = 0.0
-    if main:
-        chunks = torch.linalg.vector_norm(flat[:main].view(-1, _DOT_CHUNK), dim=1, dtype=acc)
-        total = float((chunks.double() ** 2).sum())
-    if main < n:
-        total += float(torch.linalg.vector_norm(flat[main:], dtype=acc).double()) ** 2
-    return total
+    if _low_precision(flat):  # numpy has no bfloat16: each chunk widened to fp32 (a cached 1 MB copy)
+        return sum(_dot(flat[i : i + _DOT_CHUNK].float().numpy()) for i in range(0, n, _DOT_CHUNK))
+    a = flat.numpy()  # BLAS dot products: one read, no temporary (faster than vector_norm)
+    if n <= _DOT_CHUNK:
+        return _dot(a)
+    return sum(_dot(a[i : i + _DOT_CHUNK]) for i in range(0, n, _DOT_CHUNK))
+
+
+def _dot(a: np.ndarray) -> float:
+    return float(np.dot(a, a))
 
 
 @torch.no_grad()
