@@ -330,6 +330,15 @@ def print_integrations(rows: list[dict[str, Any]]) -> None:
               f"{r['ratio']:>7.3f}")
 
 
+def prepare(args: Any) -> str:
+    """The process set-up every plain-loop timing shares: denormals flushed, malloc (returns which), threads."""
+    torch.set_flush_denormal(True)
+    malloc = steady_malloc.apply(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return malloc
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -350,10 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         args.rounds, args.steps = 3, 3
     if args.rounds < 1 or args.steps < 1:
         ap.error("--rounds and --steps must be positive")
-    torch.set_flush_denormal(True)
-    malloc = steady_malloc.apply(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    malloc = prepare(args)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     only = {v.strip() for v in args.variants.split(",") if v.strip()} if args.variants else None
     skipped: list[dict[str, str]] = []

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import steady_malloc  # noqa: E402
-from overhead import Runner, Task, interleave, machine, make_task  # noqa: E402
+from overhead import Runner, Task, interleave, machine, make_task, prepare  # noqa: E402
 
 import gradguard  # noqa: E402
 
@@ -112,10 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         args.models, args.rounds, args.steps = "mlp20x512", 2, 5
     if args.rounds < 1 or args.steps < 1:
         ap.error("--rounds and --steps must be positive")
-    torch.set_flush_denormal(True)
-    malloc = steady_malloc.apply(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    malloc = prepare(args)
     sinks = [s.strip() for s in args.sinks.split(",") if s.strip()]
     rows: list[dict[str, Any]] = []
     for name in (m.strip() for m in args.models.split(",") if m.strip()):
