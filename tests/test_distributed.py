@@ -6,13 +6,12 @@ Activation statistics are pooled over the ranks' batches; the guard's skip decis
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import free_port, spawn
 from torch import nn
 
 import gradguard
@@ -47,30 +46,21 @@ def _train(model, x, y, store, opt_model=None):
     return w
 
 
-def _worker(rank: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        x, y = _data()
-        shard = slice(rank * 16, (rank + 1) * 16)
-        ddp = nn.parallel.DistributedDataParallel(_model())
-        w = _train(ddp, x[shard], y[shard], os.path.join(folder, f"rank{rank}.db"))
-        assert w._grads is None  # closed
-        for name in ("grad_norm", *ACT_METRICS):
-            values = torch.from_numpy(w.trace.metric(name))
-            gathered = [torch.zeros_like(values) for _ in range(WORLD)]
-            dist.all_gather(gathered, values)
-            if rank == 0:
-                np.save(os.path.join(folder, f"{name}.npy"), torch.stack(gathered).numpy())
+def _worker(rank: int, folder: str) -> None:
+    x, y = _data()
+    shard = slice(rank * 16, (rank + 1) * 16)
+    ddp = nn.parallel.DistributedDataParallel(_model())
+    w = _train(ddp, x[shard], y[shard], os.path.join(folder, f"rank{rank}.db"))
+    assert w._grads is None  # closed
+    for name in ("grad_norm", *ACT_METRICS):
+        values = torch.from_numpy(w.trace.metric(name))
+        gathered = [torch.zeros_like(values) for _ in range(WORLD)]
+        dist.all_gather(gathered, values)
         if rank == 0:
-            np.save(os.path.join(folder, "layers.npy"), np.array(w.layers))
-        _guard(ddp, x[shard], y[shard], rank, folder)
-        del ddp
-        # rank 0 hosts the rendezvous store: nobody leaves before everyone is done with it
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+            np.save(os.path.join(folder, f"{name}.npy"), torch.stack(gathered).numpy())
+    if rank == 0:
+        np.save(os.path.join(folder, "layers.npy"), np.array(w.layers))
+    _guard(ddp, x[shard], y[shard], rank, folder)
 
 
 def _guard(ddp, x, y, rank: int, folder: str) -> None:
@@ -88,14 +78,8 @@ def _guard(ddp, x, y, rank: int, folder: str) -> None:
     np.save(os.path.join(folder, f"guard{rank}.npy"), np.array([guard.skipped, *changed]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True, start_method="spawn")
+    spawn(_worker, str(tmp_path), world=WORLD)
     gathered = np.load(tmp_path / "grad_norm.npy")
     assert list(np.load(tmp_path / "layers.npy")) == ["0", "2", "4"]  # no "module." prefix
     np.testing.assert_array_equal(gathered[0], gathered[1])  # all ranks agree exactly
@@ -127,7 +111,7 @@ def test_torchrun_example(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "examples" / "ddp_torchrun.py"
     store = tmp_path / "run.db"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(script), "--store", str(store), "--steps", "60"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

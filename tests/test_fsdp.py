@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import spawn
 from torch import nn
 
 import gradguard
@@ -113,37 +111,24 @@ def _guard_run(rank: int, x, y) -> dict:
     return out
 
 
-def _worker(rank: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        x, y = _data()
-        shard = slice(rank * 8, (rank + 1) * 8)
-        model = _sharded()
-        layers = find_layers(model)
-        w = _train(model, x[shard], y[shard], os.path.join(folder, f"rank{rank}.db"))
-        w.trace.save(os.path.join(folder, f"trace{rank}.npz"))
-        result: dict = {"layers": layers.names}
-        result.update(_clip_runs(_sharded, x[shard], y[shard]))
-        result["guard"] = _guard_run(rank, x[shard], y[shard])
-        with open(os.path.join(folder, f"result{rank}.json"), "w") as f:
-            json.dump(result, f)
-        dist.barrier()  # rank 0 hosts the rendezvous store: nobody leaves before everyone is done
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, folder: str) -> None:
+    x, y = _data()
+    shard = slice(rank * 8, (rank + 1) * 8)
+    model = _sharded()
+    layers = find_layers(model)
+    w = _train(model, x[shard], y[shard], os.path.join(folder, f"rank{rank}.db"))
+    w.trace.save(os.path.join(folder, f"trace{rank}.npz"))
+    result: dict = {"layers": layers.names}
+    result.update(_clip_runs(_sharded, x[shard], y[shard]))
+    result["guard"] = _guard_run(rank, x[shard], y[shard])
+    with open(os.path.join(folder, f"result{rank}.json"), "w") as f:
+        json.dump(result, f)
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fsdp")
-    mp.start_processes(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, join=True, start_method="spawn")
+    spawn(_worker, str(folder), world=WORLD)
     results = [json.loads((folder / f"result{r}.json").read_text()) for r in range(WORLD)]
     traces = [gradguard.Trace.load(folder / f"trace{r}.npz") for r in range(WORLD)]
     return folder, results, traces
