@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as L
 import numpy as np
@@ -356,6 +357,10 @@ trainer = L.Trainer(accelerator="cpu", devices=2, strategy=CPUFSDP(process_group
 trainer.fit(M())
 np.save(f"{sys.argv[1]}/rank{trainer.global_rank}.npy", np.stack([cb.trace.metric(m) for m in
         ("grad_norm", "grad_absmax", "weight_norm", "update_norm")]))
+trainer.strategy.barrier()  # both files are written before either rank leaves
+torch.distributed.destroy_process_group()
+from ranks import leave  # exit without interpreter shutdown: see tests/ranks.py
+leave()
 '''
 
 
@@ -364,7 +369,9 @@ np.save(f"{sys.argv[1]}/rank{trainer.global_rank}.npy", np.stack([cb.trace.metri
 def test_fsdp1_per_layer_norms_are_global(tmp_path, use_orig_params):
     script = tmp_path / "fsdp_run.py"
     script.write_text(FSDP_SCRIPT)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    tests = str(Path(__file__).resolve().parents[1])  # for ranks.py, in this process and Lightning's rank 1
+    path = os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
     run = subprocess.run([sys.executable, str(script), str(tmp_path), str(int(use_orig_params))], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
