@@ -204,7 +204,7 @@ def host_sumsq_many(tensors: Sequence[torch.Tensor]) -> list[tuple[float, float]
     """:func:`host_sumsq_one` of each host tensor, as plain Python floats.
 
     Tensors of ``LARGE`` elements or more are summed one by one (chunked dot products); the
-    smaller ones, whose fp32 sums are exact enough, in one fused call. It runs right after
+    smaller ones in one fused call that accumulates in float64. It runs right after
     backward, when every distinct call costs 10-30 us (cold caches): a few calls, then Python
     on the floats.
     """
@@ -217,10 +217,22 @@ def host_sumsq_many(tensors: Sequence[torch.Tensor]) -> list[tuple[float, float]
             small.append(j)
     if small:
         wide = [tensors[j].float() if _low_precision(tensors[j]) else tensors[j] for j in small]
-        for j, v in zip(small, torch.stack(torch._foreach_norm(wide)).numpy().tolist()):
+        # float64 accumulation: squares of fp32 values neither underflow (1e-45 squares to 2e-90) nor
+        # overflow, so a vanished gradient (what a deep network is watched for) needs no exact
+        # second pass; only a NaN/inf does. (float64 values whose squares leave float64's range
+        # give a sum of squares no float64 holds, on any path.)
+        norms = torch.stack(torch._foreach_norm(wide, dtype=torch.float64)).numpy().tolist()
+        redo = []
+        for j, v in zip(small, norms):
             sumsq = v * v
-            # False for NaN; zero, vanishing or non-finite tensors (rare) take the exact path.
-            out[j] = (sumsq, 0.0) if _SUMSQ_SAFE_LO <= sumsq < math.inf else host_sumsq_one(tensors[j])
+            if sumsq < math.inf:  # False for NaN
+                out[j] = (sumsq, 0.0)
+            else:
+                redo.append(j)
+        if redo:  # the exact path, batched by shape; it counts the NaN/inf
+            rows = host_stats([tensors[j] for j in redo])
+            for j, (sumsq, _, bad) in zip(redo, rows.tolist()):
+                out[j] = (sumsq, bad)
     return out
 
 
