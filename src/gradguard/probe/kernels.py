@@ -126,6 +126,9 @@ def host_sumsq_one(t: torch.Tensor) -> tuple[float, float]:
     s = _fp_sumsq(t)
     if math.isfinite(s) and s >= _SUMSQ_SAFE_LO:
         return s, 0.0
+    if t.numel() < LARGE and t.dtype != torch.float64 and math.isfinite(s):
+        # Vanished, small and finite: one float64 norm is exact here (as in host_sumsq_many).
+        return float(torch.linalg.vector_norm(t.float(), dtype=torch.float64)) ** 2, 0.0
     # A zero sum is exact only for an all-zero tensor (a frozen layer's update): elements of
     # 1e-23 square to 0 in fp32. any() is one pass without a float64 copy.
     if s == 0.0 and not bool(t.any()):
