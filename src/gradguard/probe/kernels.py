@@ -118,19 +118,19 @@ def _dot(a: np.ndarray) -> float:
 def host_sumsq_one(t: torch.Tensor) -> tuple[float, float]:
     """(sum of squares of the finite elements, number of NaN/inf elements) of one host tensor.
 
-    One read of the tensor when it is finite and not vanishingly small (the usual case); the
-    exact float64 path otherwise.
+    One read of the tensor when it is finite and not vanishingly small (the usual case); a
+    second, float64 read when it has vanished; the exact float64 path otherwise (NaN/inf, overflow).
     """
     if t.numel() == 0:
         return 0.0, 0.0
     s = _fp_sumsq(t)
     if math.isfinite(s) and s >= _SUMSQ_SAFE_LO:
         return s, 0.0
-    if t.numel() < LARGE and t.dtype != torch.float64 and math.isfinite(s):
-        # Vanished, small and finite: one float64 norm is exact here (as in host_sumsq_many).
-        return float(torch.linalg.vector_norm(t.float(), dtype=torch.float64)) ** 2, 0.0
-    # A zero sum is exact only for an all-zero tensor (a frozen layer's update): elements of
-    # 1e-23 square to 0 in fp32. any() is one pass without a float64 copy.
+    if math.isfinite(s) and t.dtype != torch.float64:
+        # Vanished: fp32 squares underflowed (elements of 1e-23 square to 0); float64 squares of
+        # fp32/fp16/bf16 values cannot (1e-45 squares to 2e-90), as in host_sumsq_many.
+        return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2, 0.0
+    # A zero float64 sum is exact only for an all-zero tensor. any() is one pass without a copy.
     if s == 0.0 and not bool(t.any()):
         return 0.0, 0.0
     sumsq, _, bad = _precise(t)
