@@ -177,6 +177,8 @@ def test_standardizer_of_an_empty_model_is_the_standardizer():
         (lambda: gg.prepend_standardizer(_mlp(), torch.randn(10, 4))(torch.randn(3, 5)), ValueError, "fitted on"),
         (lambda: gg.prepend_standardizer(_mlp(), torch.randn(10, 4), dim=3), ValueError, "out of range"),
         (lambda: gg.prepend_standardizer(_mlp(), torch.randn(0, 4)), ValueError, "zero-size"),
+        (lambda: gg.watch(_mlp()).step(loss=torch.ones(8, 2)), ValueError, r"loss must be a scalar.*\(8, 2\)"),
+        (lambda: gg.watch(_mlp()).log_loss(torch.ones(3)), ValueError, r"loss must be a scalar.*\(3,\)"),
     ],
 )
 def test_wrong_shapes(make, exc, match):

@@ -128,3 +128,20 @@ def test_one_read_path_falls_back_to_exact_values(dtype):
         assert sumsq == ref_sumsq == 0 or math.isclose(sumsq, ref_sumsq, rel_tol=1e-5), (dtype, tuple(t.shape))
         assert host_sumsq_one(t) == pytest.approx((sumsq, bad), rel=1e-6)
     np.testing.assert_array_equal(host_sumsq(cases), [s for s, _ in got])
+
+
+def test_one_read_of_strided_tensors():
+    # A channels_last gradient is summed through a view of its memory, a transposed or sliced one
+    # through a copy, and a parameter that requires grad without recording a graph.
+    g = torch.Generator().manual_seed(5)
+    cases = [
+        torch.randn(8, 16, 5, 5, generator=g).to(memory_format=torch.channels_last),
+        torch.randn(600, 700, generator=g).t(),
+        torch.randn(300, 40, generator=g)[::3, 1:],
+        torch.randn(50, 50, generator=g).neg()._neg_view(),
+        torch.nn.Parameter(torch.randn(400, 400, generator=g)),
+    ]
+    for t in cases:
+        ref = float(t.detach().double().square().sum())
+        for sumsq, bad in (host_sumsq_one(t), host_sumsq_many([t])[0]):
+            assert sumsq == pytest.approx(ref, rel=1e-6) and bad == 0

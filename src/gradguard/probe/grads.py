@@ -235,7 +235,11 @@ class GradProbe:
 
         return hook
 
-    @torch.no_grad()
+    @property
+    def host_ordinary(self) -> bool:
+        """Whether an ordinary step is measured by :meth:`host_norms` (every tensor in host memory, unsharded)."""
+        return self._shards is None and self.plan.host
+
     def measure(
         self, hook_scale: torch.Tensor | None = None, step_scale: torch.Tensor | None = None, full: bool = True
     ) -> torch.Tensor:
@@ -245,8 +249,14 @@ class GradProbe:
         measured now (AMP: the inverse loss scale where a gradient was still scaled). Without
         ``full``, absmax is NaN (not measured) and each gradient is read once.
         """
-        if not full and self._shards is None and self.plan.host:
-            return torch.from_numpy(self._host_norms(hook_scale, step_scale))
+        if not full and self.host_ordinary:
+            out = np.empty((N_STATS, self.reduce.n_layers), dtype=np.float64)
+            self.host_norms(out, hook_scale, step_scale)
+            return torch.from_numpy(out)
+        return self._measure(hook_scale, step_scale, full)
+
+    @torch.no_grad()
+    def _measure(self, hook_scale: torch.Tensor | None, step_scale: torch.Tensor | None, full: bool) -> torch.Tensor:
         grads: list[torch.Tensor | None] = [p.grad for p in self.index.params]
         for i in self._sparse:
             g = grads[i]
@@ -272,12 +282,13 @@ class GradProbe:
                 present[idx] = True
         return self.reduce(rows, present)
 
-    def _host_norms(self, hook_scale: torch.Tensor | None, step_scale: torch.Tensor | None) -> np.ndarray:
-        """An ordinary step's gradient statistics on the host, [3, L] with absmax NaN.
+    def host_norms(self, out: np.ndarray, hook_scale: torch.Tensor | None, step_scale: torch.Tensor | None) -> None:
+        """An ordinary step's gradient statistics, written into ``out`` (float64 [3, L], absmax NaN).
 
-        The same numbers as the general path, in plain Python on floats: right after backward
-        every distinct numpy or torch call costs 10-30 us (cold caches), a Python loop over
-        the parameters a fraction of a microsecond each.
+        The same numbers as :meth:`measure`, in plain Python on floats: right after backward
+        every distinct numpy or torch call costs 10-30 us (cold caches; ``torch.no_grad()``
+        too, which nothing here needs: it only reads values), a Python loop over the
+        parameters a fraction of a microsecond each.
         """
         hook_sq = 1.0 if hook_scale is None else float(hook_scale) ** 2  # AMP: squares scale by its square
         step_sq = 1.0 if step_scale is None else float(step_scale) ** 2
@@ -307,14 +318,9 @@ class GradProbe:
             sumsq[layer] += s * step_sq
             bad[layer] += b
             seen[layer] = True
-        return np.array(
-            [
-                [math.sqrt(s) if k else _NAN for s, k in zip(sumsq, seen)],
-                [_NAN] * n,
-                [b if k else _NAN for b, k in zip(bad, seen)],
-            ],
-            dtype=np.float64,
-        ).reshape(N_STATS, n)
+        out[0] = [math.sqrt(s) if k else _NAN for s, k in zip(sumsq, seen)]
+        out[1] = _NAN
+        out[2] = [b if k else _NAN for b, k in zip(bad, seen)]
 
     @torch.no_grad()
     def measure_weights(self) -> torch.Tensor:

@@ -23,7 +23,7 @@ Two implementations share that contract:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -98,41 +98,62 @@ _DOT_CHUNK = 1 << 18
 _SUMSQ_SAFE_LO = 2.0**-80
 
 
-def _fp_sumsq(t: torch.Tensor) -> float:
-    """Sum of squares of a host tensor in its own precision (fp32 for fp16/bf16); NaN/inf propagate."""
-    flat = t.detach().reshape(-1).resolve_neg()  # a view when contiguous
-    n = flat.numel()
-    if _low_precision(flat):  # numpy has no bfloat16: each chunk widened to fp32 (a cached 1 MB copy)
-        return sum(_dot(flat[i : i + _DOT_CHUNK].float().numpy()) for i in range(0, n, _DOT_CHUNK))
-    a = flat.numpy()  # BLAS dot products: one read, no temporary (faster than vector_norm)
-    if n <= _DOT_CHUNK:
-        return _dot(a)
-    return sum(_dot(a[i : i + _DOT_CHUNK]) for i in range(0, n, _DOT_CHUNK))
+def _flat(t: torch.Tensor) -> np.ndarray:
+    """The elements of a host tensor as a flat numpy array: a view when its memory is dense, in any order."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.is_neg():
+        t = t.resolve_neg()
+    # order="K" follows the memory: a channels_last gradient is a view too (a sum does not need C order).
+    return t.numpy().ravel(order="K")
 
 
-def _dot(a: np.ndarray) -> float:
-    return float(np.dot(a, a))
+def _chunks(t: torch.Tensor) -> Iterable[np.ndarray]:
+    """A host tensor's elements as flat numpy chunks of at most ``_DOT_CHUNK``: views in a list, or
+    for fp16/bf16 (numpy has no bfloat16) fp32 copies made one at a time as they are read."""
+    if _low_precision(t):
+        flat = t.detach().reshape(-1)
+        return (flat[i : i + _DOT_CHUNK].float().numpy() for i in range(0, flat.numel(), _DOT_CHUNK))
+    a = _flat(t)
+    return [a] if a.size <= _DOT_CHUNK else [a[i : i + _DOT_CHUNK] for i in range(0, a.size, _DOT_CHUNK)]
 
 
-@torch.no_grad()
+def _one_read(t: torch.Tensor) -> float | None:
+    """Sum of squares of a host tensor's elements, or ``None`` when it needs the exact path (NaN/inf, overflow).
+
+    BLAS dot products in the tensor's precision (fp32 for fp16/bf16): one read, no temporary;
+    chunks add up in float64. A second read, in float64, only when the squares underflowed.
+    """
+    chunks = _chunks(t)
+    s = 0.0
+    for c in chunks:
+        s += float(np.dot(c, c))
+    if _SUMSQ_SAFE_LO <= s < math.inf:  # the usual case (False for NaN)
+        return s
+    if not math.isfinite(s):
+        return None
+    if t.dtype != torch.float64:
+        # Vanished: fp32 squares underflowed (elements of 1e-23 square to 0); float64 squares of
+        # fp32/fp16/bf16 values cannot (1e-45 squares to 2e-90). A deep network's vanished
+        # gradients, what is watched for, take this second read.
+        s = 0.0
+        for c in chunks if isinstance(chunks, list) else _chunks(t):
+            c = c.astype(np.float64)
+            s += float(np.dot(c, c))
+        return s
+    # A zero float64 sum is exact only for an all-zero tensor. any() is one pass without a copy.
+    return 0.0 if s == 0.0 and not bool(t.any()) else None
+
+
 def host_sumsq_one(t: torch.Tensor) -> tuple[float, float]:
     """(sum of squares of the finite elements, number of NaN/inf elements) of one host tensor.
 
     One read of the tensor when it is finite and not vanishingly small (the usual case); a
     second, float64 read when it has vanished; the exact float64 path otherwise (NaN/inf, overflow).
     """
-    if t.numel() == 0:
-        return 0.0, 0.0
-    s = _fp_sumsq(t)
-    if math.isfinite(s) and s >= _SUMSQ_SAFE_LO:
+    s = _one_read(t)
+    if s is not None:
         return s, 0.0
-    if math.isfinite(s) and t.dtype != torch.float64:
-        # Vanished: fp32 squares underflowed (elements of 1e-23 square to 0); float64 squares of
-        # fp32/fp16/bf16 values cannot (1e-45 squares to 2e-90), as in host_sumsq_many.
-        return float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2, 0.0
-    # A zero float64 sum is exact only for an all-zero tensor. any() is one pass without a copy.
-    if s == 0.0 and not bool(t.any()):
-        return 0.0, 0.0
     sumsq, _, bad = _precise(t)
     return sumsq, bad
 
@@ -202,40 +223,26 @@ def host_stats(tensors: Sequence[torch.Tensor]) -> np.ndarray:
     return out
 
 
-@torch.no_grad()
 def host_sumsq_many(tensors: Sequence[torch.Tensor]) -> list[tuple[float, float]]:
     """:func:`host_sumsq_one` of each host tensor, as plain Python floats.
 
-    Tensors of ``LARGE`` elements or more are summed one by one (chunked dot products); the
-    smaller ones in one fused call that accumulates in float64. It runs right after
-    backward, when every distinct call costs 10-30 us (cold caches): a few calls, then Python
-    on the floats.
+    It runs right after backward, when every distinct library call costs 10-30 us (cold
+    caches) and the same call again ~1 us: a dot product per tensor, in a Python loop, is
+    faster than one fused call (``_foreach_norm``: ~100 us for six biases). Tensors with
+    NaN/inf take the exact path together, batched by shape.
     """
     out = [(0.0, 0.0)] * len(tensors)
-    small = []
+    redo = []
     for j, t in enumerate(tensors):
-        if t.numel() >= LARGE:
-            out[j] = host_sumsq_one(t)
+        s = _one_read(t)
+        if s is None:
+            redo.append(j)
         else:
-            small.append(j)
-    if small:
-        wide = [tensors[j].float() if _low_precision(tensors[j]) else tensors[j] for j in small]
-        # float64 accumulation: squares of fp32 values neither underflow (1e-45 squares to 2e-90) nor
-        # overflow, so a vanished gradient (what a deep network is watched for) needs no exact
-        # second pass; only a NaN/inf does. (float64 values whose squares leave float64's range
-        # give a sum of squares no float64 holds, on any path.)
-        norms = torch.stack(torch._foreach_norm(wide, dtype=torch.float64)).numpy().tolist()
-        redo = []
-        for j, v in zip(small, norms):
-            sumsq = v * v
-            if sumsq < math.inf:  # False for NaN
-                out[j] = (sumsq, 0.0)
-            else:
-                redo.append(j)
-        if redo:  # the exact path, batched by shape; it counts the NaN/inf
-            rows = host_stats([tensors[j] for j in redo])
-            for j, (sumsq, _, bad) in zip(redo, rows.tolist()):
-                out[j] = (sumsq, bad)
+            out[j] = (s, 0.0)
+    if redo:  # the exact path, batched by shape; it counts the NaN/inf
+        rows = host_stats([tensors[j] for j in redo])
+        for j, (sumsq, _, bad) in zip(redo, rows.tolist()):
+            out[j] = (sumsq, bad)
     return out
 
 
