@@ -1,18 +1,23 @@
 """Step-time overhead of ``GradguardCallback`` in a Lightning ``Trainer.fit``, as a ratio to the bare fit.
 
-Each variant trains its own identical copy of a 4.2M-parameter MLP (4 x 1024 ReLU layers,
-batch 64, SGD) on the same generated data. In every round each variant runs one fit of
-``--steps`` optimizer steps, in a seeded shuffled order; a timing callback measures every
-step from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, the hooks,
-the optimizer step) after ``WARMUP`` steps. A round's ratio is the median step time of the
-variant over the bare one's (and the ratio of mean step times, which counts the periodic
-full steps and flushes the median leaves out); the median ratio over rounds is reported
-with its interquartile range. Variants: ``bare`` (no callback), ``gradguard`` (the
-callback with its defaults: every step recorded, weights every 10, activations every 50,
-a flush every 50), ``lightning_clip`` (no callback, ``gradient_clip_val=1.0``) and
-``guarded`` (the callback with ``clip=1.0, guard=True``, logging the clip norm every
-step), compared with both. glibc's malloc thresholds are fixed first (see
-``steady_malloc.py``; ``--default-malloc`` keeps them adaptive).
+Every fit trains the same 4.2M-parameter MLP (4 x 1024 ReLU layers, batch 64, SGD), its
+weights restored to the same initial values first, on the same generated data: one module
+for every variant, so all of them run on the same memory (separate copies of the module,
+placed differently in memory, made two identical bare fits differ by up to 1.5%, steadily).
+In every round each variant runs one fit of ``--steps`` optimizer steps, in a seeded
+shuffled order; a timing callback measures every step from ``on_train_batch_start`` to
+``on_train_batch_end`` (forward, backward, the hooks, the optimizer step) after ``WARMUP``
+steps. A round's ratio is the median step time of the variant over the bare one's (and the
+ratio of mean step times, which counts the periodic full steps and flushes the median
+leaves out); the median ratio over rounds is reported with its interquartile range.
+
+Variants: ``bare`` (no callback), ``bare_again`` (the same, a second time: its ratio to
+``bare`` is the noise floor of the comparison), ``gradguard`` (the callback with its
+defaults: every step recorded, weights every 10, activations every 50, a flush every 50),
+``lightning_clip`` (no callback, ``gradient_clip_val=1.0``) and ``guarded`` (the callback
+with ``clip=1.0, guard=True``, logging the clip norm every step), compared with both.
+glibc's malloc thresholds are fixed first (see ``steady_malloc.py``; ``--default-malloc``
+keeps them adaptive).
 
     python benchmarks/overhead_lightning.py [--rounds 15] [--batch 64] [--json] [--quick] [--default-malloc]
 """
@@ -48,9 +53,10 @@ from gradguard.integrations.lightning import GradguardCallback
 WARMUP = 3
 SEED = 0
 WIDTH, DEPTH, BATCH = 1024, 4, 64
-VARIANTS = ("bare", "gradguard", "lightning_clip", "guarded")
+VARIANTS = ("bare", "bare_again", "gradguard", "lightning_clip", "guarded")
 # (variant, reference, result key): the ratio of each round's step times to the reference's in that round.
 COMPARISONS = (
+    ("bare_again", "bare", "noise_ratio"),
     ("gradguard", "bare", "ratio"),
     ("lightning_clip", "bare", "lightning_clip_ratio"),
     ("guarded", "bare", "guarded_ratio"),
@@ -95,32 +101,37 @@ class StepTimer(L.Callback):
 
 
 def _callbacks(variant: str) -> list[Any]:
-    if variant in ("bare", "lightning_clip"):
+    if variant in ("bare", "bare_again", "lightning_clip"):
         return []
     if variant == "gradguard":
         return [GradguardCallback()]
     return [GradguardCallback(clip=1.0, guard=True)]
 
 
-def _fit(module: MLP, loader: DataLoader, variant: str, steps: int) -> list[float]:
-    timer = StepTimer()
-    trainer = L.Trainer(
+def trainer_for(variant: str, steps: int, timer: StepTimer) -> L.Trainer:
+    """The Trainer a variant fits with: only its callbacks and clipping differ."""
+    return L.Trainer(
         accelerator="cpu", devices=1, max_steps=steps + WARMUP, callbacks=[timer, *_callbacks(variant)],
+        gradient_clip_val=1.0 if variant == "lightning_clip" else None,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    trainer.fit(module, loader)
+
+
+def _fit(module: MLP, loader: DataLoader, variant: str, steps: int) -> list[float]:
+    timer = StepTimer()
+    trainer_for(variant, steps, timer).fit(module, loader)
     return timer.times
 
 
 def measure(rounds: int, quick: bool, batch: int = BATCH) -> dict[str, Any]:
-    """Interleaved rounds of the three variants; returns step times (s), ratios and their spread."""
+    """Interleaved rounds of the variants; returns step times (s), ratios and their spread."""
     steps = 5 if quick else 60
     rounds = min(rounds, 2) if quick else rounds
     torch.set_num_threads(1)  # two shared cores: one thread is faster and steadier
     torch.manual_seed(SEED)
-    base = MLP()
-    modules = {v: copy.deepcopy(base) for v in VARIANTS}
+    module = MLP()
+    initial = copy.deepcopy(module.state_dict())
     g = torch.Generator().manual_seed(SEED)
     n = batch * (steps + WARMUP)
     data = TensorDataset(torch.randn(n, WIDTH, generator=g), torch.randint(0, 10, (n,), generator=g))
@@ -134,12 +145,13 @@ def measure(rounds: int, quick: bool, batch: int = BATCH) -> dict[str, Any]:
             variants = list(VARIANTS)
             order.shuffle(variants)
             for v in variants:
-                times = _fit(modules[v], loader, v, steps)
+                module.load_state_dict(initial)  # copies into the same tensors: same memory, same start
+                times = _fit(module, loader, v, steps)
                 medians[v].append(float(np.median(times)))
                 means[v].append(float(np.mean(times)))
     out: dict[str, Any] = {
         "model": f"mlp{DEPTH}x{WIDTH}",
-        "parameters": sum(p.numel() for p in base.parameters()),
+        "parameters": sum(p.numel() for p in module.parameters()),
         "batch": batch,
         "rounds": rounds,
         "steps_per_round": steps,

@@ -269,8 +269,7 @@ class Watch:
         before, self._before = self._before, None
         if before is None or not self._ring_steps:
             return
-        torch._foreach_sub_(before, self._local_params())  # in place: before - after, the update's negative
-        upd = self._grads.measure_norms(before)
+        upd = self._grads.measure_update(before, self._local_params())  # before - after: the update's negative
         row = self._ring[len(self._ring_steps) - 1]  # the row of the step just recorded
         row[_W + 1] = upd
         row[_W + 2] = upd / row[_W]

@@ -398,3 +398,21 @@ def test_fsdp1_per_layer_norms_are_global(tmp_path, use_orig_params):
     # shard left out would be off by tens of percent).
     for i, metric in enumerate(expected):
         np.testing.assert_allclose(ranks[0][i], expected[metric], rtol=1e-6, err_msg=metric)
+
+
+def test_overhead_benchmark_variants_differ_only_as_named(monkeypatch):
+    # benchmarks/overhead_lightning.py compares Trainers that must differ only by the variant's
+    # callback or clipping (a "Lightning clipping" variant that did not clip once timed the bare fit).
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import overhead_lightning as bench
+
+    def trainer(variant):
+        t = bench.trainer_for(variant, steps=1, timer=bench.StepTimer())
+        return t.gradient_clip_val, [type(c).__name__ for c in t.callbacks if isinstance(c, GradguardCallback)]
+
+    assert trainer("bare") == trainer("bare_again") == (None, [])
+    assert trainer("lightning_clip") == (1.0, [])
+    assert trainer("gradguard") == (None, ["GradguardCallback"])
+    guarded = bench.trainer_for("guarded", steps=1, timer=bench.StepTimer())
+    (cb,) = [c for c in guarded.callbacks if isinstance(c, GradguardCallback)]
+    assert guarded.gradient_clip_val is None and cb.clip == 1.0 and cb.policy is not None

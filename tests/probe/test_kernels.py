@@ -10,7 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradguard.probe.kernels import LARGE, device_stats, host_stats, host_sumsq, host_sumsq_many, host_sumsq_one
+from gradguard.probe.kernels import (
+    LARGE,
+    device_stats,
+    host_diff_sumsq,
+    host_stats,
+    host_sumsq,
+    host_sumsq_many,
+    host_sumsq_one,
+)
 
 
 def reference(t: torch.Tensor) -> list[float]:
@@ -145,3 +153,29 @@ def test_one_read_of_strided_tensors():
         ref = float(t.detach().double().square().sum())
         for sumsq, bad in (host_sumsq_one(t), host_sumsq_many([t])[0]):
             assert sumsq == pytest.approx(ref, rel=1e-6) and bad == 0
+
+
+def test_diff_sumsq_subtracts_in_place_and_sums_the_difference():
+    g = torch.Generator().manual_seed(6)
+    big = 3 * (1 << 18) + 5  # several chunks and a tail
+    nan_after = torch.randn(big, generator=g)
+    nan_after[[0, big - 1]] = torch.tensor([math.nan, math.inf])
+    pairs = [
+        (torch.randn(big, generator=g), torch.randn(big, generator=g)),
+        (torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g)),
+        (torch.full((big,), 1e-27), torch.zeros(big)),  # a vanished update: fp32 squares underflow
+        (torch.randn(big, generator=g), nan_after),
+        # a float32 snapshot of bf16 weights
+        (torch.randn(300, generator=g), torch.randn(300, generator=g).to(torch.bfloat16)),
+        (
+            torch.randn(8, 16, 5, 5, generator=g).to(memory_format=torch.channels_last),
+            torch.randn(8, 16, 5, 5, generator=g),
+        ),
+    ]
+    for before, after in pairs:
+        diff = before.double() - after.double()
+        ref_bad = float((~torch.isfinite(diff)).sum())
+        ref = float(torch.where(torch.isfinite(diff), diff, 0.0).square().sum())
+        sumsq, bad = host_diff_sumsq(before, after)
+        assert sumsq == pytest.approx(ref, rel=1e-6) and bad == ref_bad, (before.shape, after.dtype)
+        torch.testing.assert_close(before.double(), diff.to(before.dtype).double(), equal_nan=True)

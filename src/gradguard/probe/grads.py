@@ -18,6 +18,7 @@ from .kernels import (
     SUMSQ,
     device_stats,
     host_block,
+    host_diff_sumsq,
     host_stats,
     host_stats_one,
     host_sumsq_many,
@@ -349,6 +350,22 @@ class GradProbe:
         """Per-layer L2 norms of per-parameter tensors (weights, updates): float64 [L]."""
         rows, present = self._stats(tensors, norm_only=True)
         return self.reduce(rows, present)[0]
+
+    def measure_update(self, before: Sequence[torch.Tensor], after: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-layer norms of ``before - after`` (an optimizer step's update), float64 [L].
+
+        ``before`` is overwritten with the difference. On the host each pair is subtracted and
+        summed in one pass; elsewhere with fused ops.
+        """
+        if not self.host_ordinary:
+            torch._foreach_sub_(list(before), list(after))
+            return self.measure_norms(before)
+        n = self.reduce.n_layers
+        sumsq, seen = [0.0] * n, [False] * n
+        for layer, b, a in zip(self._layer_of, before, after):
+            sumsq[layer] += host_diff_sumsq(b, a)[0]
+            seen[layer] = True
+        return torch.tensor([math.sqrt(s) if k else _NAN for s, k in zip(sumsq, seen)], dtype=torch.float64)
 
     def _stats(
         self, tensors: Sequence[torch.Tensor | None], norm_only: bool = False
