@@ -153,6 +153,9 @@ def test_one_read_of_strided_tensors():
         ref = float(t.detach().double().square().sum())
         for sumsq, bad in (host_sumsq_one(t), host_sumsq_many([t])[0]):
             assert sumsq == pytest.approx(ref, rel=1e-6) and bad == 0
+    # The exact path too, outside no_grad: a parameter (requires grad) with NaN/inf in it.
+    p = torch.nn.Parameter(torch.tensor([3.0, math.nan, 4.0, -math.inf]))
+    assert host_sumsq_one(p) == host_sumsq_many([p])[0] == (25.0, 2.0)
 
 
 def test_diff_sumsq_subtracts_in_place_and_sums_the_difference():

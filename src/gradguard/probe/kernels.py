@@ -48,7 +48,7 @@ def _safe_hi(numel: int) -> float:
 
 def _precise_rows(block: torch.Tensor) -> np.ndarray:
     """Exact statistics of each row of a 2-D tensor, in float64 (the slow path): [rows, 3]."""
-    x = block.to(torch.float64)
+    x = block.detach().to(torch.float64)  # a parameter's values: no graph, whatever the grad mode
     finite = torch.isfinite(x)
     bad = (~finite).sum(dim=1).to(torch.float64)
     x = torch.where(finite, x, 0.0)
