@@ -360,9 +360,12 @@ class GradProbe:
         if not self.host_ordinary:
             torch._foreach_sub_(list(before), list(after))
             return self.measure_norms(before)
-        rows = torch.full((len(before), N_STATS), _NAN, dtype=torch.float64)  # max-abs and counts: not measured
-        rows[:, SUMSQ] = torch.tensor([host_diff_sumsq(b, a)[0] for b, a in zip(before, after)], dtype=torch.float64)
-        return self.reduce(rows, torch.ones(len(before), dtype=torch.bool))[0]
+        n = self.reduce.n_layers
+        sumsq, seen = [0.0] * n, [False] * n
+        for layer, b, a in zip(self._layer_of, before, after):
+            sumsq[layer] += host_diff_sumsq(b, a)[0]
+            seen[layer] = True
+        return torch.tensor([math.sqrt(s) if k else _NAN for s, k in zip(sumsq, seen)], dtype=torch.float64)
 
     def _stats(
         self, tensors: Sequence[torch.Tensor | None], norm_only: bool = False
