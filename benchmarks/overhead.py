@@ -322,12 +322,12 @@ def print_integrations(rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     print()
-    header = f"{'trainer':<14} {'bare ms/step':>13} {'gradguard ms/step':>18} {'ratio':>7}"
+    header = f"{'trainer':<14} {'model':<14} {'bare ms/step':>13} {'gradguard ms/step':>18} {'ratio':>7}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['integration']:<14} {1e3 * r['bare_step_s']:>13.2f} {1e3 * r['gradguard_step_s']:>18.2f} "
-              f"{r['ratio']:>7.3f}")
+        print(f"{r['integration']:<14} {r['model']:<14} {1e3 * r['bare_step_s']:>13.2f} "
+              f"{1e3 * r['gradguard_step_s']:>18.2f} {r['ratio']:>7.3f}")
 
 
 def prepare(args: Any) -> str:

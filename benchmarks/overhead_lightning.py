@@ -1,15 +1,23 @@
 """Step-time overhead of ``GradguardCallback`` in a Lightning ``Trainer.fit``, as a ratio to the bare fit.
 
-Every fit trains the same 4.2M-parameter MLP (4 x 1024 ReLU layers, batch 64, SGD), its
-weights restored to the same initial values first, on the same generated data: one module
-for every variant, so all of them run on the same memory (separate copies of the module,
-placed differently in memory, made two identical bare fits differ by up to 1.5%, steadily).
-In every round each variant runs one fit of ``--steps`` optimizer steps, in a seeded
-shuffled order; a timing callback measures every step from ``on_train_batch_start`` to
-``on_train_batch_end`` (forward, backward, the hooks, the optimizer step) after ``WARMUP``
-steps. A round's ratio is the median step time of the variant over the bare one's (and the
-ratio of mean step times, which counts the periodic full steps and flushes the median
-leaves out); the median ratio over rounds is reported with its interquartile range.
+Two workloads (``--model``), ReLU MLP classifiers trained with SGD on generated data:
+
+- ``mlp20x512`` (the default): the plain-loop benchmark's main model (``overhead.py``),
+  20 x (Linear(512, 512) + ReLU) and a 10-class head, 5.3M parameters, batch 256;
+- ``mlp4x1024``: the stress case, 4 x (Linear(1024, 1024) + ReLU) and the head, 4.2M
+  parameters, batch 64: little compute per parameter, so gradguard's per-parameter
+  passes weigh most.
+
+Every fit of a run trains the same module, its weights restored to the same initial
+values first, on the same data: one module for every variant, so all of them run on the
+same memory (separate copies of the module, placed differently in memory, made two
+identical bare fits differ by up to 1.5%, steadily). In every round each variant runs one
+fit of ``--steps`` optimizer steps, in a seeded shuffled order; a timing callback measures
+every step from ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, the
+hooks, the optimizer step) after ``WARMUP`` steps. A round's ratio is the median step time
+of the variant over the bare one's, and the ratio of their mean step times, which counts
+the periodic full steps and flushes the median leaves out; the median of each over rounds
+is reported, the first with its interquartile range.
 
 Variants: ``bare`` (no callback), ``bare_again`` (the same, a second time: its ratio to
 ``bare`` is the noise floor of the comparison), ``gradguard`` (the callback with its
@@ -19,7 +27,8 @@ with ``clip=1.0, guard=True``, logging the clip norm every step), compared with 
 glibc's malloc thresholds are fixed first (see ``steady_malloc.py``; ``--default-malloc``
 keeps them adaptive).
 
-    python benchmarks/overhead_lightning.py [--rounds 15] [--batch 64] [--json] [--quick] [--default-malloc]
+    python benchmarks/overhead_lightning.py [--model mlp20x512|mlp4x1024] [--rounds 15] [--batch N]
+        [--json] [--quick] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -52,7 +61,10 @@ from gradguard.integrations.lightning import GradguardCallback
 
 WARMUP = 3
 SEED = 0
-WIDTH, DEPTH, BATCH = 1024, 4, 64
+# name -> (width, depth, batch)
+MODELS = {"mlp20x512": (512, 20, 256), "mlp4x1024": (1024, 4, 64)}
+DEFAULT_MODEL = "mlp20x512"
+CLASSES = 10
 VARIANTS = ("bare", "bare_again", "gradguard", "lightning_clip", "guarded")
 # (variant, reference, result key): the ratio of each round's step times to the reference's in that round.
 COMPARISONS = (
@@ -65,14 +77,14 @@ COMPARISONS = (
 
 
 class MLP(L.LightningModule):
-    """A plain ReLU MLP classifier trained with SGD."""
+    """A plain ReLU MLP classifier trained with SGD: depth x (Linear(width, width) + ReLU), then a head."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int, depth: int) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        for _ in range(DEPTH):
-            layers += [nn.Linear(WIDTH, WIDTH), nn.ReLU()]
-        self.net = nn.Sequential(*layers, nn.Linear(WIDTH, 10))
+        for _ in range(depth):
+            layers += [nn.Linear(width, width), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(width, CLASSES))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -124,17 +136,21 @@ def _fit(module: MLP, loader: DataLoader, variant: str, steps: int) -> list[floa
     return timer.times
 
 
-def measure(rounds: int, quick: bool, batch: int = BATCH) -> dict[str, Any]:
+def measure(rounds: int, quick: bool, batch: int | None = None, model: str = DEFAULT_MODEL) -> dict[str, Any]:
     """Interleaved rounds of the variants; returns step times (s), ratios and their spread."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    width, depth, default_batch = MODELS[model]
+    batch = batch or default_batch
     steps = 5 if quick else 60
     rounds = min(rounds, 2) if quick else rounds
     torch.set_num_threads(1)  # two shared cores: one thread is faster and steadier
     torch.manual_seed(SEED)
-    module = MLP()
+    module = MLP(width, depth)
     initial = copy.deepcopy(module.state_dict())
     g = torch.Generator().manual_seed(SEED)
     n = batch * (steps + WARMUP)
-    data = TensorDataset(torch.randn(n, WIDTH, generator=g), torch.randint(0, 10, (n,), generator=g))
+    data = TensorDataset(torch.randn(n, width, generator=g), torch.randint(0, CLASSES, (n,), generator=g))
     loader = DataLoader(data, batch_size=batch, shuffle=False)
     order = random.Random(SEED)
     medians: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -150,7 +166,7 @@ def measure(rounds: int, quick: bool, batch: int = BATCH) -> dict[str, Any]:
                 medians[v].append(float(np.median(times)))
                 means[v].append(float(np.mean(times)))
     out: dict[str, Any] = {
-        "model": f"mlp{DEPTH}x{WIDTH}",
+        "model": model,
         "parameters": sum(p.numel() for p in module.parameters()),
         "batch": batch,
         "rounds": rounds,
@@ -173,13 +189,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     ap.add_argument("--json", action="store_true", help="print a JSON object instead of a summary")
     ap.add_argument("--quick", action="store_true", help="smoke test: 2 rounds of 5 steps")
-    ap.add_argument("--batch", type=int, default=BATCH, help=f"batch size (default {BATCH})")
+    ap.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL,
+                    help=f"the workload (default {DEFAULT_MODEL}; mlp4x1024 is the stress case)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="batch size (default: " + ", ".join(f"{m} {b}" for m, (_, _, b) in MODELS.items()) + ")")
     steady_malloc.add_argument(ap)
     args = ap.parse_args(argv)
     if args.rounds < 1:
         ap.error("--rounds must be positive")
+    if args.batch is not None and args.batch < 1:
+        ap.error("--batch must be positive")
     malloc = steady_malloc.apply(args)
-    result = measure(args.rounds, args.quick, args.batch)
+    result = measure(args.rounds, args.quick, args.batch, args.model)
     result["machine"] = {"python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__,
                          "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "malloc": malloc}
     if args.json:

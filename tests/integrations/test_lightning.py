@@ -140,6 +140,44 @@ def test_one_row_per_optimizer_step_with_accumulation_and_clipping(tmp_path):
     assert float(trainer.callback_metrics["gradguard/grad_norm"]) == pytest.approx(totals[-1], rel=1e-10)
 
 
+def test_clip_norm_is_logged_on_the_trainers_logging_steps_only(tmp_path):
+    # pl_module.log costs ~0.5 ms a call: the pre-clip norm is logged on the steps the Trainer
+    # writes (log_every_n_steps), with that step's value, and not computed into logs on the others.
+    steps, every, max_norm = 7, 3, 0.05
+    module = Module()
+    reference = copy.deepcopy(module.net)
+    calls = []
+    log = module.log
+
+    def counting_log(name, value, *args, **kwargs):
+        if name == "gradguard/grad_norm":
+            calls.append(float(value))
+        return log(name, value, *args, **kwargs)
+
+    module.log = counting_log
+    logger = L.loggers.CSVLogger(str(tmp_path), name="run")
+    cb = GradguardCallback(clip=max_norm, activations_every=0)
+    trainer = _trainer([cb], steps, logger=logger, log_every_n_steps=every)
+    trainer.fit(module, _loader(8))
+
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    x, y = _data()
+    totals = []
+    for step in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(reference(x[step * 8 : step * 8 + 8]), y[step * 8 : step * 8 + 8]).backward()
+        totals.append(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)))
+        opt.step()
+    logging_steps = [s for s in range(steps) if (s + 1) % every == 0]  # Lightning counts steps from 1
+    np.testing.assert_allclose(calls, [totals[s] for s in logging_steps], rtol=1e-10)
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("gradguard/grad_norm")]
+    logged = {int(r["step"]): float(r["gradguard/grad_norm"]) for r in rows}
+    assert sorted(logged) == logging_steps
+    np.testing.assert_allclose([logged[s] for s in logging_steps], [totals[s] for s in logging_steps], rtol=1e-10)
+    assert len(cb.trace) == steps  # the Trace still has every step
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adam_fused"])
 def test_guard_skips_the_step_with_a_nan_loss(optimizer):
     bad, steps = 3, 6
