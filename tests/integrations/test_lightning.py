@@ -204,6 +204,46 @@ def test_guard_skips_the_step_with_a_nan_loss(optimizer):
     assert len(cb.trace) == steps and np.isnan(cb.trace.loss[bad])
 
 
+def test_guard_and_clip_read_the_gradients_once_and_name_the_bad_layer(monkeypatch):
+    # With clip=max_norm and a guard, the guard's non-finite check uses the norms the clip needs
+    # (one _foreach_norm per step, not two), and still names the layer whose gradient went bad.
+    bad, steps, max_norm = 2, 5, 0.05
+
+    class Poisoned(Module):
+        def on_after_backward(self):
+            if self.global_step == bad:
+                self.net[2].weight.grad[0, 0] = float("inf")
+
+    module = Poisoned()
+    calls = []
+    foreach_norm = torch._foreach_norm
+
+    def counting(tensors, *args, **kwargs):
+        calls.append(len(tensors))
+        return foreach_norm(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_norm", counting)
+    cb = GradguardCallback(clip=max_norm, guard=True, activations_every=0)
+    trainer = _trainer([cb], steps)
+    with pytest.warns(UserWarning, match="step_skipped"):
+        trainer.fit(module, _loader(8))
+
+    assert calls == [6] * steps  # the six gradients, once per step (the skipped one too: then no clip)
+    (event,) = [e for e in cb.guard.events if e.kind == "step_skipped"]
+    assert event.step == bad and event.layers == ["net.2"] and event.loss_finite
+    for i in range(steps):
+        same = all(torch.equal(a, b) for a, b in zip(module.params_before[i], module.params_after[i]))
+        assert same == (i == bad), i
+    pre = np.sqrt(np.nansum(cb.trace.metric("grad_norm") ** 2, axis=1))  # the recorded, pre-clip norms
+    for i, grads in enumerate(module.clipped):
+        if i == bad:
+            assert grads == []  # the guard dropped every gradient: the optimizer left the step out
+            continue
+        total = float(torch.cat([g.reshape(-1) for g in grads]).norm())
+        assert total == pytest.approx(min(pre[i], max_norm), rel=1e-4)  # torch divides by (total + 1e-6)
+    assert pre[[i for i in range(steps) if i != bad]].min() > max_norm  # every clean step was clipped
+
+
 def test_amp_statistics_are_of_unscaled_gradients():
     class Capture(Module):
         def __init__(self):

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ..remedy.clip import AutoClip, ClipResult, ZScoreClip, clip_grad_norm_
+from ..probe.distributed import distributed
+from ..remedy.clip import AutoClip, ClipResult, ZScoreClip, _clip_by_norm, _norms, clip_grad_norm_
 from ..remedy.guard import POLICIES
 from ..watch import _positive_int
 
@@ -56,9 +57,33 @@ def guard_policy(guard: object) -> str | None:
     raise ValueError(f"guard must be True, False or a NonFiniteGuard policy {POLICIES}, got {guard!r}")
 
 
-def apply_clip(clip: Clip, params: list[torch.Tensor]) -> torch.Tensor | None:
-    """Clip ``params``' gradients in place with ``clip``; returns the total norm before clipping (a tensor)."""
+Norms = tuple[torch.Tensor, torch.Tensor]  # (each gradient's L2 norm, stacked; their total norm)
+
+
+def shared_norms(clip: Clip | None, guarded: bool, params: list[torch.Tensor]) -> Norms | None:
+    """The gradients' L2 norms, once, for both a guard's check and a clip by the total norm.
+
+    Both would read every gradient for the same numbers: with ``clip=`` a max_norm and a guard,
+    the second read (about a third of their cost) is saved. ``None`` where they do not share:
+    another clipper, no guard, several processes (each computes on its shards), sparse gradients.
+    """
+    if not guarded or not isinstance(clip, (int, float)) or distributed():
+        return None
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or any(g.layout != torch.strided for g in grads):
+        return None
+    return _norms(grads, 2.0)
+
+
+def apply_clip(clip: Clip, params: list[torch.Tensor], norms: Norms | None = None) -> torch.Tensor | None:
+    """Clip ``params``' gradients in place with ``clip``; returns the total norm before clipping (a tensor).
+
+    ``norms``: :func:`shared_norms` of the same, unchanged gradients (a max_norm ``clip`` only).
+    """
     if isinstance(clip, (int, float)):
+        if norms is not None:
+            grads = [p.grad for p in params if p.grad is not None]
+            return _clip_by_norm(grads, float(clip), 2.0, norms)[0].total_norm
         return clip_grad_norm_(params, float(clip))
     result = clip(params)
     if isinstance(result, ClipResult):

@@ -45,7 +45,7 @@ from ..detect import Finding, Thresholds
 from ..probe.distributed import distributed, gather_rows
 from ..remedy.guard import _PENDING, NonFiniteGuard
 from ..watch import _G, _W, Sink, Watch
-from ._options import Clip, apply_clip, check_clip, guard_policy, watch_options
+from ._options import Clip, Norms, apply_clip, check_clip, guard_policy, shared_norms, watch_options
 
 __all__ = ["GradguardCallback"]
 
@@ -217,9 +217,10 @@ class GradguardCallback(_Callback):
         if self._flat_shards:
             self._globalize(watch, weights=True)
         self._snapshot(watch)
-        skipped = self._guard(loss) if self.guard is not None else False
+        norms = shared_norms(self.clip, self.guard is not None, self._params)
+        skipped = self._guard(loss, norms) if self.guard is not None else False
         if self.clip is not None and not skipped:
-            total = self._clip()
+            total = apply_clip(self.clip, self._params, norms)
             if total is not None and _logs_this_step(trainer):
                 pl_module.log(f"{self.prefix}grad_norm", total.detach(), on_step=True, on_epoch=False)
         if len(watch.trace) != flushed_before or skipped:
@@ -270,13 +271,13 @@ class GradguardCallback(_Callback):
             row[_W + 1] = out[0]
             row[_W + 2] = out[0] / row[_W]
 
-    def _guard(self, loss: torch.Tensor | None) -> bool:
+    def _guard(self, loss: torch.Tensor | None, norms: Norms | None) -> bool:
         """Check this step as NonFiniteGuard does; returns True when it is skipped here (known on the host)."""
         guard = self.guard
         assert guard is not None and self._optimizer is not None
         step = guard.step_count
         guard.step_count += 1
-        any_bad, loss_ok, bad = guard._check(loss)
+        any_bad, loss_ok, bad = guard._check(loss, None if norms is None else norms[0])
         if self._sync_free:
             # We run inside optimizer.step(closure), after the closure: a fused optimizer reads
             # found_inf next and skips on the device.
@@ -298,10 +299,6 @@ class GradguardCallback(_Callback):
             return True
         guard._on_clean()
         return False
-
-    def _clip(self) -> torch.Tensor | None:
-        assert self.clip is not None
-        return apply_clip(self.clip, self._params)
 
     # -- reporting ----------------------------------------------------------------------
     def _report(self, pl_module: Any | None) -> dict[str, float]:

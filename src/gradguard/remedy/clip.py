@@ -166,9 +166,13 @@ def _scale_(grads: list[torch.Tensor], coef: torch.Tensor) -> None:
 
 @torch.no_grad()
 def _clip_by_norm(
-    grads: list[torch.Tensor], max_norm: float | torch.Tensor, norm_type: float
+    grads: list[torch.Tensor],
+    max_norm: float | torch.Tensor,
+    norm_type: float,
+    norms: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[ClipResult, torch.Tensor]:
-    stacked, total = _norms(grads, norm_type)
+    """Clip by the total norm; ``norms`` is ``_norms(grads, norm_type)`` when the caller has it already."""
+    stacked, total = _norms(grads, norm_type) if norms is None else norms
     clean = _clean_total(stacked, norm_type)
     coef = torch.clamp(max_norm / (clean + _EPS), max=1.0)
     _scale_(grads, coef)

@@ -134,24 +134,24 @@ class NonFiniteGuard:
 
     # -- the check --------------------------------------------------------------------
     @torch.no_grad()
-    def _check(self, loss: torch.Tensor | float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(any bad: bool 0-d, loss finite: bool 0-d, bad per parameter: bool [P]) on the device."""
+    def _check(
+        self, loss: torch.Tensor | float | None, grad_norms: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(any bad: bool 0-d, loss finite: bool 0-d, bad per parameter: bool [P]) on the device.
+
+        ``grad_norms``: the L2 norms of the gradients present, in parameter order, when the
+        caller has them already (a clip by the total norm computes the same ones): no second read.
+        """
         device = self.params[0].device
         bad = torch.zeros(len(self.params), dtype=torch.bool, device=device)
         with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
         if with_grad:
-            grads: list[torch.Tensor] = [self.params[i].grad for i in with_grad]  # type: ignore[misc]
-            if self._on_ranks:
-                grads = [local(g) for g in grads]  # FSDP2: this rank's shard of each gradient
-            # nn.Embedding(sparse=True): the values hold every element there is (norms take dense tensors).
-            grads = [g.coalesce().values() if g.is_sparse else g for g in grads]
-            norms: list[torch.Tensor] = [grads[0]] * len(grads)  # filled in parameter order below
-            for idx in _by_device_indices(grads).values():  # one fused call per device
-                for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx])):
-                    norms[i] = n.to(device)
+            if grad_norms is None:
+                grad_norms = self._grad_norms(with_grad, device)
+            elif len(grad_norms) != len(with_grad):
+                raise ValueError(f"grad_norms has {len(grad_norms)} entries for {len(with_grad)} gradients")
             # A norm is non-finite exactly when an element is NaN/inf (or the sum overflows).
-            finite = torch.isfinite(torch.stack(norms))
-            bad[torch.tensor(with_grad, device=device)] = ~finite
+            bad[torch.tensor(with_grad, device=device)] = ~torch.isfinite(grad_norms.to(device))
         if loss is None:
             loss_ok = torch.ones((), dtype=torch.bool, device=device)
         else:
@@ -161,6 +161,19 @@ class NonFiniteGuard:
             flags = all_reduce_max_(torch.cat([bad, (~loss_ok).reshape(1)]).to(torch.uint8))
             bad, loss_ok = flags[:-1].bool(), flags[-1] == 0
         return bad.any() | ~loss_ok, loss_ok, bad
+
+    def _grad_norms(self, with_grad: list[int], device: torch.device) -> torch.Tensor:
+        """L2 norms of the gradients of ``self.params[i]`` for ``i`` in ``with_grad``, stacked on ``device``."""
+        grads: list[torch.Tensor] = [self.params[i].grad for i in with_grad]  # type: ignore[misc]
+        if self._on_ranks:
+            grads = [local(g) for g in grads]  # FSDP2: this rank's shard of each gradient
+        # nn.Embedding(sparse=True): the values hold every element there is (norms take dense tensors).
+        grads = [g.coalesce().values() if g.is_sparse else g for g in grads]
+        norms: list[torch.Tensor] = [grads[0]] * len(grads)  # filled in parameter order below
+        for idx in _by_device_indices(grads).values():  # one fused call per device
+            for i, n in zip(idx, torch._foreach_norm([grads[i] for i in idx])):
+                norms[i] = n.to(device)
+        return torch.stack(norms)
 
     # -- stepping -----------------------------------------------------------------------
     def step(self, loss: torch.Tensor | float | None = None, closure: Callable[[], Any] | None = None) -> None:
