@@ -65,12 +65,17 @@ def shared_norms(clip: Clip | None, guarded: bool, params: list[torch.Tensor]) -
 
     Both would read every gradient for the same numbers: with ``clip=`` a max_norm and a guard,
     the second read (about a third of their cost) is saved. ``None`` where they do not share:
-    another clipper, no guard, several processes (each computes on its shards), sparse gradients.
+    another clipper, no guard, several processes (each computes on its shards), sparse gradients,
+    gradients of several devices or dtypes.
     """
     if not guarded or not isinstance(clip, (int, float)) or distributed():
         return None
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or any(g.layout != torch.strided for g in grads):
+        return None
+    # _norms stacks them group by group (torch's grouping by device and dtype): that is the
+    # parameters' order, which the guard's per-parameter flags need, only for a single group.
+    if len({(g.device, g.dtype) for g in grads}) > 1:
         return None
     return _norms(grads, 2.0)
 
