@@ -23,7 +23,8 @@ Variants: ``bare`` (no callback), ``bare_again`` (the same, a second time: its r
 ``bare`` is the noise floor of the comparison), ``gradguard`` (the callback with its
 defaults: every step recorded, weights every 10, activations every 50, a flush every 50),
 ``lightning_clip`` (no callback, ``gradient_clip_val=1.0``) and ``guarded`` (the callback
-with ``clip=1.0, guard=True``, logging the clip norm every step), compared with both.
+with ``clip=1.0, guard=True``, logging the clip norm on the Trainer's logging steps), compared
+with both.
 glibc's malloc thresholds are fixed first (see ``steady_malloc.py``; ``--default-malloc``
 keeps them adaptive).
 

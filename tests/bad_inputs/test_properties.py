@@ -93,16 +93,24 @@ def test_grad_probe_per_layer_matches_float64(data, dtype):
     for i, p in enumerate(params):
         p.grad = None if i == missing else data.draw(tensors(dtypes=[dtype], shape=p.shape))
     index = find_layers(model)
-    got = GradProbe(index, torch.device("cpu"), "fused").measure().numpy()
+    probe = GradProbe(index, torch.device("cpu"), "fused")
+    got = probe.measure().numpy()
+    # An ordinary step's two paths: the general one, and host_norms (what the Watch takes on the host).
+    general = probe.measure(full=False).numpy()
+    host = np.empty_like(general)
+    probe.host_norms(host, None, None)
     for layer, module in enumerate(index.modules):
         grads = [p.grad for p in module.parameters() if p.grad is not None]
         if not grads:
-            assert np.isnan(got[:, layer]).all()
+            assert all(np.isnan(a[:, layer]).all() for a in (got, general, host))
             continue
         refs = np.array([reference(g) for g in grads])
         t = grads[0]
         np.testing.assert_allclose(got[0, layer], math.sqrt(refs[:, 0].sum()), rtol=2e-5, err_msg=str(dtype))
         assert got[1, layer] == refs[:, 1].max() and got[2, layer] == refs[:, 2].sum(), (got[:, layer], t.dtype)
+        for ordinary in (general, host):
+            np.testing.assert_allclose(ordinary[0, layer], math.sqrt(refs[:, 0].sum()), rtol=2e-5, err_msg=str(dtype))
+            assert np.isnan(ordinary[1, layer]) and ordinary[2, layer] == refs[:, 2].sum(), (ordinary[:, layer], dtype)
 
 
 # -- clippers ------------------------------------------------------------------------------------------------

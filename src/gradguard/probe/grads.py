@@ -241,6 +241,7 @@ class GradProbe:
         """Whether an ordinary step is measured by :meth:`host_norms` (every tensor in host memory, unsharded)."""
         return self._shards is None and self.plan.host
 
+    @torch.no_grad()
     def measure(
         self, hook_scale: torch.Tensor | None = None, step_scale: torch.Tensor | None = None, full: bool = True
     ) -> torch.Tensor:
@@ -248,16 +249,9 @@ class GradProbe:
 
         ``hook_scale`` multiplies gradients measured inside backward and ``step_scale`` those
         measured now (AMP: the inverse loss scale where a gradient was still scaled). Without
-        ``full``, absmax is NaN (not measured) and each gradient is read once.
+        ``full``, absmax is NaN (not measured) and each gradient is read once; on the host,
+        :meth:`host_norms` gives the same numbers faster, and the Watch takes it there.
         """
-        if not full and self.host_ordinary:
-            out = np.empty((N_STATS, self.reduce.n_layers), dtype=np.float64)
-            self.host_norms(out, hook_scale, step_scale)
-            return torch.from_numpy(out)
-        return self._measure(hook_scale, step_scale, full)
-
-    @torch.no_grad()
-    def _measure(self, hook_scale: torch.Tensor | None, step_scale: torch.Tensor | None, full: bool) -> torch.Tensor:
         grads: list[torch.Tensor | None] = [p.grad for p in self.index.params]
         for i in self._sparse:
             g = grads[i]
